@@ -1,0 +1,60 @@
+"""The `fewstep` command: distill, sample, export. User errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from fewstep.errors import FewstepError
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; a FewstepError becomes `error: <message>` on stderr and exit code 2 (no traceback)."""
+    try:
+        return fn()
+    except FewstepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep", description="Few-step distillation of Diffusers teachers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("distill", help="train a student: fewstep distill recipe=lcm model=toy-digits train.steps=200")
+    d.add_argument("overrides", nargs="*", help="key=value overrides (recipe=, model=, dotted keys)")
+    s = sub.add_parser("sample", help="generate images from a preset, a pipeline folder or an export folder")
+    s.add_argument("model", help="preset name (toy-digits), Diffusers pipeline folder, or fewstep export folder")
+    s.add_argument("--out", required=True, help="output folder for 00000.png ... and metadata.jsonl")
+    s.add_argument("--num-images", type=int, default=16)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: export's, or 50 for a teacher)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's, or 1.0)")
+    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    s.add_argument("--prompts", default=None, help="text file, one prompt per line (cycled)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "xformers"])
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e = sub.add_parser("export", help="rebuild the export of a checkpoint or a run folder")
+    e.add_argument("checkpoint", help="runs/x (newest checkpoint) or runs/x/checkpoints/step-0000200")
+    e.add_argument("--out", default=None, help="destination (default: <checkpoint>/export)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "distill":
+        from fewstep.distill import run
+
+        guarded(lambda: run(args.overrides))
+    elif args.command == "sample":
+        from fewstep.sample import run_sample
+
+        guarded(lambda: run_sample(args))
+    elif args.command == "export":
+        from fewstep.distill import export_from_checkpoint
+
+        guarded(lambda: print(f"export written to {export_from_checkpoint(args.checkpoint, args.out)}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Export a trained student as plain Diffusers files plus a `fewstep.json` sidecar.
+
+LoRA students are written with the pipeline's own `save_lora_weights` (with the adapter's alpha metadata, so
+`load_lora_weights` restores the exact scale); full students as a complete `save_pretrained` pipeline whose
+scheduler is already the student's. `fewstep.json` records how to run it in a stock pipeline: the scheduler class
+and config, the integer timesteps (or sigmas), the guidance scale and the LoRA settings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.errors import FewstepError
+from fewstep.models.student import has_lora, lora_config_dict
+from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.recipes.base import InferenceSpec
+
+SIDECAR = "fewstep.json"
+
+
+def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_dir: Path, recipe: str,
+                   teacher_name: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write the export atomically (a temporary folder renamed into place; an older export is replaced only
+    after the new one is complete)."""
+    from fewstep.models.lora import save_lora
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fam, pipe = teacher.family, teacher.pipe
+    times = torch.tensor(spec.times, dtype=torch.float64)
+    size = teacher.size
+    sched_name, sched_config = fam.student_scheduler(pipe)
+    lora = lora_config_dict(net) if has_lora(net) else None
+    if lora is not None:
+        save_lora(fam, net, tmp)
+    else:
+        save_full_pipeline(teacher, net, sched_name, sched_config, tmp)
+    meta = {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
+            "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
+            "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
+            "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
+            "resolution": size, "lora": None if lora is None else {
+                "rank": lora["r"], "alpha": lora["lora_alpha"], "targets": sorted(lora["target_modules"])},
+            **(extra or {})}
+    (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def save_full_pipeline(teacher: Teacher, net: nn.Module, sched_name: str, sched_config: dict, out: Path) -> None:
+    import diffusers
+
+    components = dict(teacher.pipe.components)
+    components[teacher.family.net_attr] = net
+    components["scheduler"] = getattr(diffusers, sched_name).from_config(sched_config)
+    type(teacher.pipe)(**components).save_pretrained(str(out), safe_serialization=True)
+
+
+def _jsonable(config: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in config.items()}, default=lambda o: list(o) if hasattr(o, "__iter__") else str(o)))
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / SIDECAR
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise FewstepError(f"{f} is not valid JSON ({exc.msg}); re-export with `fewstep export`") from exc
+
+
+def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher, InferenceSpec, dict[str, Any]]:
+    """An export folder -> (teacher bundle whose network is the student, its sampler, the sidecar)."""
+    meta = read_sidecar(path)
+    if meta is None:
+        raise FewstepError(f"{path} has no {SIDECAR}; pass an export folder written by fewstep")
+    if meta.get("lora"):
+        from fewstep.models.lora import load_lora
+
+        teacher = load_teacher(meta["teacher"], device=device)
+        load_lora(teacher.family, teacher.pipe, path)
+    else:
+        teacher = load_teacher(str(path), device=device)
+    spec = InferenceSpec(times=meta["times"], step=meta["step"], guidance_scale=meta["guidance_scale"])
+    return teacher, spec, meta

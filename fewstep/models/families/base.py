@@ -1,0 +1,88 @@
+"""The contract a model family implements. Everything family-specific (prompt encoding, latent packing, timestep
+units, LoRA component names, export scheduler) lives behind it, so recipes never branch on a family.
+
+Conditions are dicts of tensors batched on dim 0 (so CFG can concatenate them). The key "guidance" (a [B] tensor,
+Imagen convention w) is optional: families whose network embeds a guidance scale (LCM's w-embedding on UNets,
+FLUX.1-dev's guidance input) read it; others ignore it.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.schedule import Schedule
+
+Cond = dict[str, Tensor]
+
+
+class Family(Protocol):
+    name: str
+    pipeline_cls: type            # the diffusers pipeline class (save_lora_weights / from_pretrained)
+    net_attr: str                 # "unet" or "transformer"
+    lora_prefix: str              # prefix of LoRA keys in a diffusers LoRA file ("unet" / "transformer")
+
+    def schedule(self, pipe: Any) -> Schedule: ...
+
+    def prediction(self, pipe: Any) -> str: ...
+
+    def encode_prompts(self, pipe: Any, prompts: list[str]) -> Cond: ...
+
+    def null_cond(self, pipe: Any, n: int) -> Cond: ...
+
+    def call(self, net: nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor: ...
+
+    def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]: ...
+
+    def default_size(self, pipe: Any) -> int: ...
+
+    def encode_images(self, pipe: Any, images: Tensor) -> Tensor: ...
+
+    def decode(self, pipe: Any, x0: Tensor) -> Tensor: ...
+
+    def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor: ...
+
+    def student_scheduler(self, pipe: Any) -> tuple[str, dict]: ...
+
+    def student_timesteps(self, pipe: Any, times: Tensor, height: int, width: int) -> list: ...
+
+    def pipeline_call_kwargs(self, pipe: Any, times: Tensor, height: int, width: int) -> dict: ...
+
+
+def vae_scale(vae: nn.Module) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a diffusers VAE; shift is 0 for SD1.5/SDXL."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return float(vae.config.scaling_factor), float(shift)
+
+
+@torch.no_grad()
+def vae_encode(vae: nn.Module, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Images in [-1, 1] -> model latents x0 = (z - shift) * scale."""
+    scale, shift = vae_scale(vae)
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    return ((z.float() - shift) * scale)
+
+
+@torch.no_grad()
+def vae_decode(vae: nn.Module, x0: Tensor) -> Tensor:
+    """Model latents -> images in [0, 1] (float32)."""
+    scale, shift = vae_scale(vae)
+    z = x0 / scale + shift
+    img = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
+    return (img / 2 + 0.5).clamp(0, 1)
+
+
+def vp_student_scheduler(pipe: Any) -> tuple[str, dict]:
+    """LCMScheduler on the teacher's DDPM table: the stock scheduler that runs a consistency/DMD student."""
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler.from_config(pipe.scheduler.config)
+    return "LCMScheduler", dict(sched.config)
+
+
+def vp_student_timesteps(schedule: Any, times: Tensor) -> list[int]:
+    """t in [0, 1] -> the integer diffusers timesteps a stock LCMScheduler takes (times must be on the table)."""
+    idx = schedule.model_timestep(times).round().long()
+    return [int(i) for i in idx]

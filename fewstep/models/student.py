@@ -1,0 +1,83 @@
+"""Build the trainable student from the teacher: a LoRA on the shared frozen base (one copy of the weights; the
+teacher is the same network with adapters switched off) or a full trainable copy."""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.denoiser import Cond, Denoiser
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], init_scale: float = 0.0,
+             seed: int = 0) -> nn.Module:
+    """Attach a peft LoRA adapter (Hu et al. 2021) on the frozen base; only lora_A/B train.
+    `init_scale > 0` draws lora_B at random so an untrained adapter is not a no-op (used by round-trip tests)."""
+    from fewstep.models import lora
+
+    net.requires_grad_(False)
+    lora.add_lora(net, lora.lora_config(list(targets), rank, alpha))
+    if init_scale > 0:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=gen) * init_scale)
+    return net
+
+
+def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
+    """Toggle every peft LoRA layer (works for diffusers' PeftAdapterMixin models and plain peft injection)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in net.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
+def lora_config_dict(net: nn.Module) -> dict:
+    return net.peft_config["default"].to_dict()
+
+
+def has_lora(net: nn.Module) -> bool:
+    return bool(getattr(net, "peft_config", None))
+
+
+def full_copy(net: nn.Module) -> nn.Module:
+    student = copy.deepcopy(net).float()
+    student.requires_grad_(True).train()
+    return student
+
+
+def add_guidance_embedding(net: nn.Module, dim: int = 256) -> nn.Module:
+    """LCM's guidance-scale conditioning (Luo et al. 2023, §4.2): rebuild the UNet with `time_cond_proj_dim` and a
+    zero-initialised projection, so at step 0 the student still equals the teacher (the diffusers script leaves it
+    random; algorithms.md §1.8)."""
+    config = dict(net.config)
+    config["time_cond_proj_dim"] = dim
+    new = type(net).from_config(config)
+    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+    nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    return new.to(next(net.parameters()).device)
+
+
+class AdaptersDisabled(nn.Module):
+    """The frozen base under a LoRA student: the teacher, at no extra memory."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        net = self.denoiser.net
+        set_adapters_enabled(net, False)
+        try:
+            return self.denoiser(x_t, t, cond)
+        finally:
+            set_adapters_enabled(net, True)
+
+
+def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]

@@ -1,0 +1,144 @@
+"""Load a Diffusers teacher (preset, folder or hub id) and wrap it in fewstep's convention."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.schedule import Schedule
+from fewstep.errors import FewstepError
+from fewstep.models.denoiser import Cond, Denoiser
+from fewstep.models.families import family_for
+from fewstep.models.families.base import Family
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN = {"toy-digits": ASSETS / "toy-digits"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_pretrained(spec: str) -> str:
+    """A builtin name, a local folder, or a hub id (refused while offline, with the fix)."""
+    if spec in BUILTIN:
+        path = BUILTIN[spec]
+        if not (path / "model_index.json").is_file():
+            raise FewstepError(f"builtin teacher {spec!r} is missing at {path}; regenerate it with "
+                               "`python scripts/train_toy_teacher.py`")
+        return str(path)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FewstepError(f"{spec} is not a Diffusers pipeline folder (no model_index.json); pass a folder "
+                               "written by `save_pretrained` or a preset name")
+        return str(path)
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    if looks_local:
+        raise FewstepError(f"teacher path {spec!r} does not exist; pass an existing pipeline folder or one of {sorted(BUILTIN)}")
+    if hub_offline():
+        raise FewstepError(f"{spec!r} looks like a hub id but HF_HUB_OFFLINE=1; download it first "
+                           f"(`huggingface-cli download {spec}`) and pass the local folder, or unset HF_HUB_OFFLINE")
+    return spec
+
+
+def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Any:
+    from diffusers import DiffusionPipeline
+
+    source = resolve_pretrained(spec)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], local_files_only=hub_offline())
+    except OSError as exc:
+        raise FewstepError(f"cannot load pipeline {spec!r}: {str(exc).splitlines()[0]}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class Teacher:
+    """A loaded pipeline with its family glue; `denoiser(net)` wraps any network of the same architecture."""
+
+    pipe: Any
+    family: Family
+    name: str
+
+    @property
+    def net(self) -> nn.Module:
+        return getattr(self.pipe, self.family.net_attr)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.family.schedule(self.pipe)
+
+    @property
+    def prediction(self) -> str:
+        return self.family.prediction(self.pipe)
+
+    @property
+    def size(self) -> int:
+        return self.family.default_size(self.pipe)
+
+    def denoiser(self, net: nn.Module | None = None) -> Denoiser:
+        return Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call)
+
+    def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
+        s = size or self.size
+        return self.family.latent_shape(self.pipe, s, s)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        return self.family.encode_prompts(self.pipe, prompts)
+
+    def null_cond(self, n: int) -> Cond:
+        return self.family.null_cond(self.pipe, n)
+
+    def teacher_times(self, steps: int, size: int | None = None) -> Tensor:
+        s = size or self.size
+        return self.family.teacher_times(self.pipe, steps, s, s)
+
+    def student_times(self, steps: int, size: int | None = None) -> Tensor:
+        """Default few-step grid: LCMScheduler's (999, 759, 499, 259 at 4 steps) on VP tables, the teacher's
+        own shifted Euler grid on flow teachers. Ends at 0."""
+        if self.schedule.kind != "vp":
+            return self.teacher_times(steps, size)
+        from diffusers import LCMScheduler
+
+        sched = LCMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        n = sched.config.num_train_timesteps - 1
+        return torch.cat([sched.timesteps.double() / n, torch.zeros(1, dtype=torch.float64)])
+
+
+def load_teacher(spec: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Teacher:
+    pipe = load_pipeline(spec, dtype, device)
+    teacher = Teacher(pipe=pipe, family=family_for(pipe), name=spec)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False).eval()
+    return teacher
+
+
+def set_attention_backend(net: nn.Module, backend: str) -> Any:
+    """Pick the attention kernel. sdpa lets PyTorch choose; flash/efficient/math pin one SDPA kernel (returned as a
+    context manager to wrap forwards in); xformers swaps diffusers' processors. CUDA-only choices fail clearly."""
+    from contextlib import nullcontext
+
+    if backend == "sdpa":
+        return nullcontext()
+    if backend in ("flash", "efficient", "xformers") and not torch.cuda.is_available():
+        raise FewstepError(f"attention={backend} needs CUDA, which is not available here; use attention=sdpa or attention=math")
+    if backend == "xformers":
+        try:
+            net.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise FewstepError(f"attention=xformers failed ({exc}); install the extra: pip install 'fewstep[xformers]'") from exc
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "math": SDPBackend.MATH}[backend]
+    return sdpa_kernel(kernel)

@@ -1,0 +1,74 @@
+"""The recipe contract. A recipe owns its losses and nothing else; the trainer owns accelerate, optimizers,
+accumulation, checkpoints and logging (architecture.md §0.3)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, Tensor]                        # keyed by the trainable role that steps this iteration
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """What recipes see: model-space latents and conditions (already encoded by the trainer)."""
+
+    x0: Tensor                     # clean latents [B, C, H, W]
+    cond: dict[str, Tensor]        # positive condition, batched
+    neg: dict[str, Tensor]         # unconditional / negative condition, batched
+    prompts: list[str]
+
+
+@dataclass
+class InferenceSpec:
+    """How the trained student samples: times in [0, 1] ending at 0, a step name from fewstep.sampling.steps,
+    and the CFG scale (1 = off)."""
+
+    times: list[float]
+    step: str
+    guidance_scale: float = 1.0
+
+
+class Recipe(ABC):
+    """Base of every recipe (one level of inheritance, no mixins)."""
+
+    Config: ClassVar[type]
+    name: ClassVar[str]
+
+    @abstractmethod
+    def trainable(self) -> dict[str, nn.Module]:
+        """Role name -> module whose trainable parameters one optimizer owns."""
+
+    @abstractmethod
+    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+        """Losses for this iteration; randomness only from `generator`."""
+
+    @abstractmethod
+    def inference(self) -> InferenceSpec:
+        """The student's sampler, recorded in the export's fewstep.json."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Hook for target networks (EMA) that follow the student."""
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Tensors beyond trainables and optimizers that a checkpoint must hold (e.g. a target network)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state but the checkpoint holds {sorted(state)[:3]}")
+
+    def export_net(self) -> nn.Module:
+        """The network whose weights the export writes (the student, or its EMA)."""
+        return self.trainable()["student"]
+
+
+def uniform(generator: torch.Generator, n: int, low: float, high: float, device: torch.device) -> Tensor:
+    return (torch.rand(n, generator=generator) * (high - low) + low).to(device)

@@ -1,0 +1,103 @@
+"""Latent consistency distillation (Luo et al. 2023, Alg. 1; LCM-LoRA, Luo et al. 2023b). algorithms.md §1."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.schedule import bcast
+from fewstep.models.denoiser import Denoiser, Guided
+from fewstep.models.teacher import Teacher
+from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.recipes.losses import consistency_loss, ema_update
+from fewstep.sampling.steps import consistency_x0, ddim_transfer
+
+
+@dataclass
+class LCMConfig:
+    num_ddim_timesteps: int = 50        # N: the skipping-step teacher solver grid (k = 1000 / N on DDPM tables)
+    guidance_min: float = 2.0           # teacher CFG scale range, Imagen convention (w = LCM omega + 1)
+    guidance_max: float = 2.0
+    guidance_embedding: bool = False    # full mode: embed w in the student (time_cond_proj_dim), no CFG at inference
+    embedding_dim: int = 256
+    loss: str = "huber"                 # huber | l2
+    huber_c: float = 0.001
+    target_ema_decay: float = 0.95      # full mode: EMA target network theta^-; LoRA mode uses the online student
+
+
+def solver_grid(teacher: Teacher, num_steps: int) -> Tensor:
+    """Ascending times [t_0 = 0, t_1, ..., t_N]: a sample starts at t_{i+1} and the teacher hops to t_i.
+    DDPM tables use LCM's skipping grid tau_i = (i + 1) k - 1 with the hop from tau_0 landing on index 0
+    (algorithms.md §1.3); flow teachers use their own (shifted) Euler grid."""
+    sched = teacher.schedule
+    if sched.kind == "vp":
+        n = sched.num_train_timesteps
+        k = n // num_steps
+        idx = torch.tensor([0] + [(i + 1) * k - 1 for i in range(num_steps)], dtype=torch.float64)
+        return idx / (n - 1)
+    return teacher.teacher_times(num_steps).flip(0)
+
+
+class LCM(Recipe):
+    """Consistency distillation: f_theta(x_{t_{n+k}}) matches the target net at the teacher's CFG-DDIM hop."""
+
+    Config: ClassVar[type] = LCMConfig
+    name: ClassVar[str] = "lcm"
+
+    def __init__(self, teacher: Teacher, student: nn.Module, teacher_denoiser: nn.Module, config: LCMConfig,
+                 inference: InferenceSpec, lora: bool) -> None:
+        self.cfg, self.teacher, self.student_net, self.spec = config, teacher, student, inference
+        self.schedule = teacher.schedule
+        self.student = teacher.denoiser(student)
+        self.real = teacher_denoiser
+        self.grid = solver_grid(teacher, config.num_ddim_timesteps)
+        self.target_net = None if lora else copy.deepcopy(student).requires_grad_(False)
+        self.target = self.student if lora else teacher.denoiser(self.target_net)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.student_net}
+
+    def inference(self) -> InferenceSpec:
+        return self.spec
+
+    def _with_guidance(self, cond: dict[str, Tensor], w: Tensor) -> dict[str, Tensor]:
+        return {**cond, "guidance": w} if self.cfg.guidance_embedding else cond
+
+    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+        x0, dev = batch.x0, batch.x0.device
+        i = torch.randint(0, self.cfg.num_ddim_timesteps, (len(x0),), generator=generator)
+        t, t_prev = self.grid[i + 1].to(dev), self.grid[i].to(dev)           # t_{n+k}, t_n
+        noise = torch.randn(x0.shape, generator=generator).to(dev)
+        alpha, sigma = (bcast(v, x0) for v in self.schedule.alpha_sigma(t))
+        x_t = alpha * x0 + sigma * noise                                      # Alg. 1: forward diffusion
+        w = uniform(generator, len(x0), self.cfg.guidance_min, self.cfg.guidance_max, dev)
+        cond = self._with_guidance(batch.cond, w)
+        pred = consistency_x0(x_t, self.student(x_t, t, cond), t, self.schedule)
+        with torch.no_grad():
+            x0_w = Guided(self.real, w)(x_t, t, {"pos": batch.cond, "neg": batch.neg})  # teacher CFG estimate
+            x_prev = ddim_transfer(x_t, x0_w, t, t_prev, self.schedule)             # one DDIM hop (solver)
+            target = consistency_x0(x_prev, self.target(x_prev, t_prev, cond), t_prev, self.schedule)
+        loss = consistency_loss(pred, target, self.cfg.loss, self.cfg.huber_c)
+        return StepOutput({"student": loss}, {"w_mean": float(w.mean())})
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.target_net is not None:
+            ema_update(list(self.target_net.parameters()), list(self.student_net.parameters()),
+                       self.cfg.target_ema_decay)
+
+    def extra_state(self) -> dict[str, Tensor]:
+        if self.target_net is None:
+            return {}
+        return {f"target.{k}": v for k, v in self.target_net.state_dict().items()}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if self.target_net is None:
+            return super().load_extra_state(state)
+        self.target_net.load_state_dict({k[len("target."):]: v for k, v in state.items()})
+
+    def export_net(self) -> nn.Module:
+        """The diffusers LCM scripts ship the EMA target network in full mode; LoRA mode ships the adapter."""
+        return self.student_net if self.target_net is None else self.target_net

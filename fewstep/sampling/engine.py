@@ -1,0 +1,42 @@
+"""The one sampling loop. A sampler is (denoiser, time grid, step function); guidance is a denoiser wrapper."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fewstep.diffusion.schedule import Schedule
+from fewstep.sampling.steps import Generators, Step, ddim_step, randn
+
+
+@torch.no_grad()
+def sample(denoiser: nn.Module | Callable[..., Tensor], noise: Tensor, times: Tensor, schedule: Schedule, *,
+           cond: Any = None,
+           step: Step = ddim_step, generator: Generators = None, callback: Callable[..., None] | None = None,
+           progress: bool = False, **step_kwargs: Any) -> Tensor:
+    """Integrate from times[0] to times[-1] (= 0), e.g. times = tensor([1.0, 0.75, 0.5, 0.25, 0.0]).
+
+    Each iteration asks the denoiser for x0 at the current time and lets `step` move to the next time (the steps
+    in `fewstep.sampling.steps`). `generator` feeds stochastic steps; `callback(i=, t=, x=, x0=)` observes.
+    """
+    x = noise
+    times = times.to(noise.device)
+    pairs = list(zip(times[:-1], times[1:]))
+    for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="sampling", leave=False)):
+        tb, tb_next = t.expand(len(x)), t_next.expand(len(x))
+        x0 = denoiser(x, tb, cond)
+        if callback is not None:
+            callback(i=i, t=t, x=x, x0=x0)
+        x = step(x, x0, tb, tb_next, schedule, generator, **step_kwargs)
+    return x
+
+
+def initial_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str = "cpu") -> Tensor:
+    """Starting latents, one generator per sample when a list is given (per-image seeds)."""
+    return randn(shape, generator, device)
+
+
+def seed_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]

@@ -1,0 +1,101 @@
+"""Pure sampler steps in fewstep's convention. Each maps (x_t, x0 estimate, t, t_next) to x_{t_next}.
+
+The denoiser returns x0; a step decides how to move to the next time. All steps are checked against diffusers'
+own schedulers (`tests/test_steps_oracle.py`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fewstep.diffusion.param import eps_from_x0
+from fewstep.diffusion.schedule import Schedule, bcast
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+Step = Callable[..., Tensor]
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gaussian noise; a list of generators gives one per sample (diffusers' `randn_tensor` convention), so each
+    image depends only on its own seed. Drawn on the generator's device (CPU here), then moved."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator]).to(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+
+
+def ddim_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+              generator: Generators = None) -> Tensor:
+    """Deterministic DDIM, eta = 0 (Song et al. 2021, Eq. 12): keep the implied noise, move to t_next.
+    For rectified flow this is exactly the Euler step x + (t_next - t) u. At t_next = 0 it returns x0 (DDIM with
+    `set_alpha_to_one`, the final Euler step to sigma = 0)."""
+    if bool((t_next == 0).all()):
+        return x0
+    return ddim_transfer(x_t, x0, t, t_next, schedule)
+
+
+def ddim_transfer(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule) -> Tensor:
+    """x_{t_next} = alpha' x0 + sigma' eps_hat, with no special case at t_next = 0 (the table's first entry is
+    not clean on DDPM tables; LCM's solver keeps it, algorithms.md §1.3)."""
+    a, s = (bcast(v, x_t) for v in schedule.alpha_sigma(t))
+    a_next, s_next = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
+    return a_next * x0 + s_next * eps_from_x0(x0, x_t, a, s)
+
+
+def renoise_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+                 generator: Generators = None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): jump to x0, then add fresh noise at t_next."""
+    if bool((t_next == 0).all()):
+        return x0
+    a_next, s_next = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
+    return a_next * x0 + s_next * randn(x0.shape, generator, x0.device, x0.dtype)
+
+
+def lcm_boundary(timestep: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """LCM boundary scalings (Luo et al. 2023, Eq. 9; diffusers LCMScheduler): c_skip(0) = 1, c_out(0) = 0.
+    `timestep` is the diffusers integer timestep."""
+    scaled = timestep.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def consistency_x0(x_t: Tensor, x0: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+    """f(x_t, t) = c_skip x_t + c_out x0 on VP tables (the LCM parameterisation); the identity on x0 otherwise."""
+    if schedule.kind != "vp":
+        return x0
+    c_skip, c_out = (bcast(v, x_t) for v in lcm_boundary(schedule.model_timestep(t).round()))
+    return c_skip * x_t + c_out * x0
+
+
+def consistency_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+                     generator: Generators = None) -> Tensor:
+    """One LCMScheduler step: boundary-scaled x0, then re-noise to t_next (returns x0 when t_next = 0)."""
+    denoised = consistency_x0(x_t, x0, t, schedule)
+    if bool((t_next == 0).all()):
+        return denoised
+    return renoise_step(x_t, denoised, t, t_next, schedule, generator)
+
+
+def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+             generator: Generators = None, gamma: float = 0.3) -> Tensor:
+    """Strategic stochastic sampling of TCD (Zheng et al. 2024, Eq. 11; diffusers TCDScheduler): a DDIM jump to
+    s = (1 - gamma) t_next, then forward diffusion from s to t_next. gamma = 0 is DDIM, gamma = 1 is LCM re-noising."""
+    s = (1 - gamma) * t_next
+    if schedule.kind == "vp":  # diffusers floors s onto the integer table
+        n = schedule.model_timestep(torch.ones(())).item()
+        s = torch.floor(schedule.model_timestep(s).double()) / n
+    x_s = ddim_transfer(x_t, x0, t, s, schedule)
+    if gamma <= 0 or bool((t_next == 0).all()):
+        return x_s
+    a_s, s_s = (bcast(v, x_t) for v in schedule.alpha_sigma(s))
+    a_n, s_n = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
+    ratio = a_n / a_s
+    noise_std = (s_n**2 - ratio**2 * s_s**2).clamp_min(0).sqrt()
+    return ratio * x_s + noise_std * randn(x_s.shape, generator, x_s.device, x_s.dtype)
+
+
+STEPS: dict[str, Step] = {"ddim": ddim_step, "euler": ddim_step, "consistency": consistency_step,
+                          "renoise": renoise_step, "tcd": tcd_step}

@@ -1,0 +1,238 @@
+"""One small trainer for every recipe: accelerate (devices, processes, bf16 autocast, trackers), one optimizer and
+LR schedule per trainable role, gradient accumulation, EMA, progress, metrics, sample grids and checkpoints.
+It knows nothing about any algorithm: the recipe returns losses keyed by the roles that step this iteration."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fewstep.data.datasets import batch_indices, collate
+from fewstep.errors import FewstepError
+from fewstep.models.student import has_lora, lora_config_dict, trainable_parameters
+from fewstep.models.teacher import Teacher
+from fewstep.recipes.base import Batch, Recipe
+from fewstep.train import checkpoint as ckpt
+from fewstep.train.report import save_grid
+
+
+class PromptCache:
+    """Text conditions per distinct prompt (the text encoders are frozen), so repeated prompts cost nothing."""
+
+    def __init__(self, teacher: Teacher, limit: int = 4096) -> None:
+        self.teacher, self.limit, self.rows = teacher, limit, {}
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        if missing:
+            enc = self.teacher.encode_prompts(missing)
+            if len(self.rows) + len(missing) <= self.limit:
+                self.rows.update({p: {k: v[i:i + 1] for k, v in enc.items()} for i, p in enumerate(missing)})
+            else:
+                return self.teacher.encode_prompts(prompts)
+        return {k: torch.cat([self.rows[p][k] for p in prompts]) for k in self.rows[prompts[0]]}
+
+
+class Trainer:
+    def __init__(self, cfg: Any, recipe: Recipe, teacher: Teacher, dataset: Any, accelerator: Any) -> None:
+        self.cfg, self.recipe, self.teacher, self.dataset, self.acc = cfg, recipe, teacher, dataset, accelerator
+        self.out = Path(cfg.output_dir)
+        self.roles = recipe.trainable()
+        self.optimizers, self.schedulers = self._optimizers()
+        self.ema = self._ema()
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + accelerator.process_index)
+        self.prompts = PromptCache(teacher)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def _optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
+        from diffusers.optimization import get_scheduler
+
+        t = self.cfg.train
+        opts, scheds = {}, {}
+        for role, module in self.roles.items():
+            params = trainable_parameters(module)
+            if not params:
+                raise FewstepError(f"role {role!r} has no trainable parameters; check student.mode / LoRA targets")
+            opts[role] = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+            scheds[role] = get_scheduler(t.lr_schedule, opts[role], num_warmup_steps=t.warmup_steps,
+                                         num_training_steps=t.steps)
+        return opts, scheds
+
+    def _ema(self) -> Any:
+        if self.cfg.train.ema_decay <= 0:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(trainable_parameters(self.roles["student"]), decay=self.cfg.train.ema_decay)
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def batch(self, index: int) -> Batch:
+        idx = batch_indices(index, self.cfg.data.batch_size, len(self.dataset), self.cfg.train.seed,
+                            self.acc.process_index, self.acc.num_processes)
+        images, prompts = collate([self.dataset[i] for i in idx])
+        device = self.acc.device
+        with torch.no_grad():
+            if images is None:
+                x0 = torch.empty(0, device=device)
+            else:
+                x0 = self.teacher.family.encode_images(self.teacher.pipe, images.to(device)).to(device)
+            cond = {k: v.to(device) for k, v in self.prompts(prompts).items()}
+            neg = {k: v.to(device) for k, v in self.prompts([""] * len(prompts)).items()}
+        return Batch(x0=x0, cond=cond, neg=neg, prompts=prompts)
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        t = self.cfg.train
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.acc.is_main_process),
+                   desc=f"{self.cfg.algorithm}", dynamic_ncols=True)
+        while self.step < t.steps:
+            tic = time.perf_counter()
+            row = self.train_iteration()
+            row["sec_per_step"] = time.perf_counter() - tic
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
+            self._log(row)
+            if t.sample_every and self.step % t.sample_every == 0:
+                self.sample_grid()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                self.save()
+        bar.close()
+        self.save()
+        self.sample_grid()
+        return self.history
+
+    def train_iteration(self) -> dict[str, float]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        accum = self.cfg.train.gradient_accumulation_steps
+        totals: dict[str, float] = {}
+        stepped: set[str] = set()
+        for micro in range(accum):
+            batch = self.batch(self.step * accum + micro)
+            with self.acc.autocast():
+                out = self.recipe.train_step(batch, self.step, self.generator)
+            loss = sum(out.losses.values()) / accum
+            loss.backward()
+            stepped.update(out.losses)
+            for k, v in {**{f"loss/{r}": float(l.detach()) for r, l in out.losses.items()}, **out.metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / accum
+        for role in stepped:
+            totals[f"grad_norm/{role}"] = self._step_role(role)
+        self.recipe.after_optimizer_step(self.step)
+        if self.ema is not None and "student" in stepped:
+            self.ema.step(trainable_parameters(self.roles["student"]))
+        return totals
+
+    def _step_role(self, role: str) -> float:
+        params = trainable_parameters(self.roles[role])
+        if self.acc.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or float("inf"))
+        if torch.isfinite(norm):
+            self.optimizers[role].step()
+        self.schedulers[role].step()
+        return float(norm)
+
+    # -- outputs -------------------------------------------------------------------------------------------
+    def _log(self, row: dict[str, float]) -> None:
+        row = {"step": self.step, **row}
+        self.history.append(row)
+        if self.acc.is_main_process and (self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps):
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.acc.log(row, step=self.step)
+
+    def sample_grid(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        save_grid(self.preview_images(), path)
+        return path
+
+    @torch.no_grad()
+    def preview_images(self) -> torch.Tensor:
+        from fewstep.sampling.generate import generate_images
+
+        spec = self.recipe.inference()
+        n = self.cfg.sample.grid_size
+        prompts = preview_prompts(self.dataset, n)
+        net = self.recipe.export_net()
+        return generate_images(self.teacher, self.teacher.denoiser(net), net, prompts, list(range(n)),
+                               torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
+
+    def save(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        tensors = {f"trainable-{r}": {n: p for n, p in m.named_parameters() if p.requires_grad}
+                   for r, m in self.roles.items()}
+        extra = self.recipe.extra_state()
+        if extra:
+            tensors["extra"] = extra
+        blobs = {"optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+                 "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+                 "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}}
+        if self.ema is not None:
+            blobs["ema"] = self.ema.state_dict()
+        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, blobs, self.meta(),
+                                    self.cfg.train.keep_checkpoints)
+
+    def meta(self) -> dict[str, Any]:
+        student = self.roles["student"]
+        lora = lora_config_dict(student) if has_lora(student) else None
+        return {"recipe": self.cfg.recipe, "algorithm": self.cfg.algorithm, "student_mode": self.cfg.student.mode,
+                "lora_rank": lora["r"] if lora else None, "teacher": self.cfg.teacher.pretrained}
+
+    def restore(self, path: Path) -> None:
+        tensors, blobs, meta = ckpt.load_checkpoint(path)
+        check_compatible(meta, self.meta(), path)
+        for role, module in self.roles.items():
+            load_trainables(module, tensors.get(f"trainable-{role}", {}), path, role)
+        self.recipe.load_extra_state(tensors.get("extra", {}))
+        for role in self.roles:
+            self.optimizers[role].load_state_dict(blobs["optimizers"][role])
+            self.schedulers[role].load_state_dict(blobs["schedulers"][role])
+        self.generator.set_state(blobs["rng"]["generator"])
+        torch.set_rng_state(blobs["rng"]["torch"])
+        if self.ema is not None and "ema" in blobs:
+            self.ema.load_state_dict(blobs["ema"])
+        self.step = int(meta["step"])
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    for key, fix in (("algorithm", "recipe"), ("student_mode", "student.mode"), ("lora_rank", "student.lora.rank")):
+        if saved.get(key) != current.get(key):
+            raise FewstepError(f"checkpoint {path} was trained with {fix}={saved.get(key)} but this run has "
+                               f"{fix}={current.get(key)}; set {fix}={saved.get(key)} or start a new output_dir")
+
+
+def load_trainables(module: nn.Module, state: dict[str, torch.Tensor], path: Path, role: str) -> None:
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(params) != set(state) or any(params[k].shape != state[k].shape for k in params):
+        raise FewstepError(f"checkpoint {path} does not match the {role}'s trainable parameters (different LoRA "
+                           "targets or architecture); use the config the run was started with")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(p.device, p.dtype))
+
+
+def preview_prompts(dataset: Any, n: int) -> list[str]:
+    """Class-balanced prompts for the digits data; otherwise the first distinct prompts of the dataset."""
+    from fewstep.data.datasets import DigitsDataset
+
+    if isinstance(dataset, DigitsDataset):
+        from fewstep.data.digits import class_balanced_prompts
+
+        return class_balanced_prompts(n)
+    prompts = list(dict.fromkeys(dataset[i][1] for i in range(min(len(dataset), 10 * n))))
+    return [prompts[i % len(prompts)] for i in range(n)]

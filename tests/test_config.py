@@ -1,0 +1,58 @@
+"""Config loading is strict: every bad input is one FewstepError naming the problem and the valid choices."""
+from pathlib import Path
+
+import pytest
+
+from fewstep.config import available, load_config
+from fewstep.errors import FewstepError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(["recipe=lcm", "train.steps=7", "student.lora.rank=4", "method.loss=l2"])
+    assert cfg.algorithm == "lcm" and cfg.model == "toy-digits"
+    assert cfg.train.steps == 7 and cfg.student.lora.rank == 4 and cfg.method.loss == "l2"
+    assert cfg.output_dir == "runs/lcm-toy-digits"
+
+
+def test_model_presets_layer_on_top():
+    cfg = load_config(["recipe=lcm", "model=sdxl", "data.path=/data/x"])
+    assert cfg.teacher.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.student.lora.rank == 64          # recipes/lcm/sdxl.yaml
+    assert cfg.teacher.resolution == 1024
+
+
+def test_every_shipped_recipe_and_model_validates():
+    for recipe in available():
+        for model in available("models"):
+            load_config([f"recipe={recipe}", f"model={model}", "data.path=/x"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["recipe=nope"], "unknown recipe 'nope'"),
+    (["model=sd9"], "unknown model 'sd9'"),
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["train.steps=many"], "bad value for 'train.steps'"),
+    (["student.mode=half"], "choose one of ['lora', 'full']"),
+    (["data.source=web"], "data.source"),
+    (["train.steps=0"], "train.steps must be >= 1"),
+    (["steps"], "arguments must be key=value"),
+    (["attention=fast"], "attention"),
+])
+def test_bad_input_is_one_clear_error(argv, needle):
+    with pytest.raises(FewstepError) as info:
+        load_config(argv)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml(tmp_path: Path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "broken.yaml").write_text("algorithm: lcm\ntrain: [unclosed\n")
+    (tmp_path / "models" / "toy-digits.yaml").write_text("teacher: {pretrained: toy-digits}\n")
+    with pytest.raises(FewstepError, match="malformed YAML"):
+        load_config(["recipe=broken"], recipe_dir=tmp_path)
+
+
+def test_missing_dataset_path_is_reported():
+    with pytest.raises(FewstepError, match="data.path is required for data.source=folder"):
+        load_config(["recipe=lcm", "model=sd15"])

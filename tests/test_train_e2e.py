@@ -1,0 +1,109 @@
+"""The spine end to end on a tiny random-init StableDiffusionPipeline: distill -> checkpoint -> resume -> export
+-> stock diffusers. Runs in-process (the CLI subprocess path is in test_cli.py)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.distill import run
+from fewstep.errors import FewstepError
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    from tiny_pipelines import tiny_sd
+
+    path = tmp_path_factory.mktemp("teacher") / "tiny-sd"
+    tiny_sd().save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["recipe=lcm", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
+            "sample.grid_size=4", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
+            "student.lora.alpha=8", "method.num_ddim_timesteps=10", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss/student"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_outputs_and_resume_equality(teacher_dir: Path, tmp_path: Path):
+    full = tmp_path / "full"
+    run(argv(teacher_dir, full, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3"))
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "export/fewstep.json",
+                 "export/pytorch_lora_weights.safetensors", "samples/step-0000004.png"):
+        assert (full / name).is_file(), name
+    reference = losses(full)
+    assert len(reference) == 4 and all(torch.isfinite(torch.tensor(reference)))
+    # an interrupted copy: only the step-2 checkpoint survived
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    run(argv(teacher_dir, part, "train.steps=4", "train.checkpoint_every=2", "resume=latest"))
+    assert losses(part) == pytest.approx(reference[2:], rel=1e-5, abs=1e-7)
+
+
+def test_existing_run_is_not_overwritten(teacher_dir: Path, tmp_path: Path):
+    out = tmp_path / "r"
+    run(argv(teacher_dir, out, "train.steps=1"))
+    before = (out / "checkpoints" / "step-0000001" / "trainable-student.safetensors").read_bytes()
+    with pytest.raises(FewstepError, match="already holds checkpoints; pass resume=latest"):
+        run(argv(teacher_dir, out, "train.steps=1"))
+    with pytest.raises(FewstepError, match="student.lora.rank=4 but this run has student.lora.rank=8"):
+        run(argv(teacher_dir, out, "train.steps=2", "resume=latest", "student.lora.rank=8"))
+    assert (out / "checkpoints" / "step-0000001" / "trainable-student.safetensors").read_bytes() == before
+
+
+def test_lora_export_matches_stock_pipeline(teacher_dir: Path, tmp_path: Path):
+    """load_lora_weights + the recorded LCMScheduler and timesteps reproduce our engine on the export, from the
+    same initial latents and generators. The LoRA starts non-zero, so a broken export cannot pass."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from fewstep.export import load_export
+    from fewstep.sampling.engine import initial_noise, seed_generators
+    from fewstep.sampling.generate import generate_latents
+
+    out = tmp_path / "x"
+    run(argv(teacher_dir, out, "train.steps=1", "student.lora.init_scale=0.3"))
+    meta = json.loads((out / "export" / "fewstep.json").read_text())
+    assert meta["scheduler"]["class"] == "LCMScheduler" and meta["timesteps"] == [999, 759, 499, 259]
+    assert meta["lora"] == {"rank": 4, "alpha": 8, "targets": ["to_k", "to_out.0", "to_q", "to_v"]}
+    teacher, spec, _ = load_export(out / "export")
+    prompts, seeds = ["a cat", "a dog"], [3, 4]
+    shape = (2, *teacher.latent_shape())
+    ours = generate_latents(teacher, teacher.denoiser(), teacher.net, prompts, seeds,
+                            torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LCMScheduler.from_config(meta["scheduler"]["config"])
+    gens = seed_generators(seeds)
+    latents = initial_noise(shape, gens)
+    base = pipe(prompts, timesteps=meta["timesteps"], latents=latents.clone(), generator=gens,
+                guidance_scale=1.0, output_type="latent").images
+    pipe.load_lora_weights(str(out / "export"))
+    gens = seed_generators(seeds)
+    latents = initial_noise(shape, gens)
+    stock = pipe(prompts, timesteps=meta["timesteps"], latents=latents, generator=gens,
+                 guidance_scale=meta["guidance_scale"], output_type="latent").images
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+    assert (stock - base).abs().max() > 1e-2   # the LoRA changes the output: the check can fail
+
+
+def test_full_mode_with_guidance_embedding_exports_a_pipeline(teacher_dir: Path, tmp_path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "full"
+    run(argv(teacher_dir, out, "train.steps=2", "student.mode=full", "method.guidance_embedding=true",
+             "method.guidance_min=1.5", "method.guidance_max=3.0", "sample.guidance_scale=2.0"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "export"))
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    meta = json.loads((out / "export" / "fewstep.json").read_text())
+    assert meta["lora"] is None and meta["guidance_scale"] == 2.0
+    ckpt = out / "checkpoints" / "step-0000002"
+    assert (ckpt / "extra.safetensors").is_file()   # the EMA target network is part of the state
