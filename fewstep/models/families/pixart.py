@@ -44,7 +44,7 @@ def split_learned_sigma(net: nn.Module, out: Tensor, channels: int) -> Tensor:
 
 def caption_cleaning(pipe: Any) -> bool:
     """The caption cleaning a default pipeline call applies: `clean_caption=True`, which `_text_preprocessing`
-    silently turns off (with two warnings per call) unless bs4 and ftfy are installed; decided here once."""
+    turns off (logging two warnings per call) unless bs4 and ftfy are installed; decided here once, quietly."""
     from diffusers.utils import is_bs4_available, is_ftfy_available
 
     return bool(pipeline_default(pipe, "clean_caption")) and is_bs4_available() and is_ftfy_available()
