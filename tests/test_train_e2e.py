@@ -107,3 +107,23 @@ def test_full_mode_with_guidance_embedding_exports_a_pipeline(teacher_dir: Path,
     assert meta["lora"] is None and meta["guidance_scale"] == 2.0
     ckpt = out / "checkpoints" / "step-0000002"
     assert (ckpt / "extra.safetensors").is_file()   # the EMA target network is part of the state
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
+def test_lcm_runs_on_every_family(family: str, tmp_path: Path):
+    """Two LCM-LoRA steps on each tiny family (VP and flow teachers), then the export reloads and samples."""
+    import tiny_pipelines
+
+    from fewstep.export import load_export
+    from fewstep.sampling.generate import generate_latents
+
+    teacher = tmp_path / family
+    getattr(tiny_pipelines, f"tiny_{family}")().save_pretrained(str(teacher), safe_serialization=True)
+    out = tmp_path / "run"
+    run(argv(teacher, out, "train.steps=2", "data.batch_size=2", "sample.grid_size=2"))
+    bundle, spec, meta = load_export(out / "export")
+    assert meta["family"] == family and len(spec.times) == 5
+    lat = generate_latents(bundle, bundle.denoiser(), bundle.net, ["a cat"], [0],
+                           torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
+    assert torch.isfinite(lat).all() and lat.shape[1:] == bundle.latent_shape()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

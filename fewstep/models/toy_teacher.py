@@ -101,9 +101,8 @@ def _optimizer(params: Any, lr: float, steps: int, warmup: int) -> tuple[Any, An
 
 def train_vae(vae: nn.Module, images: Tensor, steps: int, batch_size: int = 128, lr: float = 1e-3,
               kl_weight: float = 1e-3, warmup: int = 20, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `vae` in place on `images` ([N, 3, H, W] in [-1, 1]) with per-pixel MSE + `kl_weight` * KL
-    (KL summed over latent elements, averaged over the batch); reconstructions use sampled latents.
-    Returns the per-step total losses."""
+    """Train `vae` in place on `images` ([N, 3, H, W] in [-1, 1]) with MSE + `kl_weight` * KL, both averaged
+    per element (pixel / latent element), decoding sampled latents. Returns the per-step total losses."""
     gen = torch.Generator().manual_seed(seed)
     opt, sched = _optimizer(vae.parameters(), lr, steps, warmup)
     vae.train()
@@ -114,7 +113,7 @@ def train_vae(vae: nn.Module, images: Tensor, steps: int, batch_size: int = 128,
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        mse, kl = F.mse_loss(rec, x), post.kl().mean()
+        mse, kl = F.mse_loss(rec, x), post.kl().mean() / post.mean[0].numel()
         loss = mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,7 +121,7 @@ def train_vae(vae: nn.Module, images: Tensor, steps: int, batch_size: int = 128,
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}")
+        bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.3f}")
     vae.eval()
     return losses
 
@@ -143,6 +142,21 @@ def latent_scaling_factor(mean: Tensor, std: Tensor, seed: int = 0) -> float:
     gen = torch.Generator().manual_seed(seed)
     z = mean + std * torch.randn(mean.shape, generator=gen)
     return float(1.0 / z.std())
+
+
+@torch.no_grad()
+def vae_report(vae: nn.Module, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, sf: float) -> str:
+    """One line of VAE diagnostics: reconstruction MSE (posterior mean / sampled), nearest-class-mean accuracy
+    of sampled reconstructions, and per-channel mean/std of the scaled latents."""
+    gen = torch.Generator().manual_seed(0)
+    rec_mean = torch.cat([vae.decode(m).sample for m in mean.split(512)])
+    z = mean + std * torch.randn(mean.shape, generator=gen)
+    rec_samp = torch.cat([vae.decode(m).sample for m in z.split(512)])
+    acc = (classify_nearest_mean(rec_samp, digit_class_means(images.shape[-1])) == labels).float().mean()
+    zs = z * sf
+    return (f"recon mse {F.mse_loss(rec_mean, images):.4f} (mean) {F.mse_loss(rec_samp, images):.4f} (sampled), "
+            f"class acc {acc:.3f}, latent channel means {zs.mean((0, 2, 3)).numpy().round(2).tolist()} "
+            f"stds {zs.std((0, 2, 3)).numpy().round(2).tolist()}")
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -268,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sf = latent_scaling_factor(mean, std, args.seed)
     vae.register_to_config(scaling_factor=sf)
     t1 = time.perf_counter()
+    print(f"vae: {vae_report(vae, images, labels, mean, std, sf)}", flush=True)
     tokenizer, text_encoder = build_tokenizer(), build_text_encoder(args.seed)
     table = prompt_table(tokenizer, text_encoder)
     unet = build_unet(seed=args.seed)

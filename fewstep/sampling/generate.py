@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
-from fewstep.sampling.engine import initial_noise, sample, seed_generators
-from fewstep.sampling.steps import STEPS
+from fewstep.sampling.engine import sample, seed_generators
+from fewstep.sampling.steps import STEPS, randn
 
 
 def embeds_guidance(net: nn.Module) -> bool:
@@ -33,15 +33,17 @@ def generate_latents(teacher: Teacher, denoiser: nn.Module, net: nn.Module, prom
     """One batch: per-image seeds drive the initial noise and every stochastic step."""
     gens = seed_generators(seeds)
     device = next(net.parameters()).device
+    noise_fn = getattr(teacher.family, "draw_noise", randn)
     if noise is None:
-        noise = initial_noise((len(prompts), *teacher.latent_shape(size)), gens, device)
+        noise = noise_fn((len(prompts), *teacher.latent_shape(size)), gens, device, torch.float32)
     call, paired = guided(teacher, denoiser, net, guidance)
     cond = teacher.encode_prompts(prompts)
     if embeds_guidance(net):
         cond["guidance"] = torch.full((len(prompts),), float(guidance), device=device)
     if paired:
         cond = {"pos": cond, "neg": teacher.null_cond(len(prompts))}
-    return sample(call, noise, times, teacher.schedule, cond=cond, step=STEPS[step], generator=gens, **step_kwargs)
+    return sample(call, noise, times, teacher.schedule, cond=cond, step=STEPS[step], generator=gens,
+                  noise_fn=noise_fn, **step_kwargs)
 
 
 def generate_images(teacher: Teacher, denoiser: nn.Module, net: nn.Module, prompts: list[str], seeds: list[int],

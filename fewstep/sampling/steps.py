@@ -15,6 +15,7 @@ from fewstep.diffusion.schedule import Schedule, bcast
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 Step = Callable[..., Tensor]
+NoiseFn = Callable[[Sequence[int], Generators, torch.device, torch.dtype], Tensor]
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str = "cpu",
@@ -27,7 +28,7 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
 
 
 def ddim_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
-              generator: Generators = None) -> Tensor:
+              generator: Generators = None, noise_fn: NoiseFn = randn) -> Tensor:
     """Deterministic DDIM, eta = 0 (Song et al. 2021, Eq. 12): keep the implied noise, move to t_next.
     For rectified flow this is exactly the Euler step x + (t_next - t) u. At t_next = 0 it returns x0 (DDIM with
     `set_alpha_to_one`, the final Euler step to sigma = 0)."""
@@ -45,12 +46,14 @@ def ddim_transfer(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: 
 
 
 def renoise_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
-                 generator: Generators = None) -> Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1): jump to x0, then add fresh noise at t_next."""
+                 generator: Generators = None, noise_fn: NoiseFn = randn) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): jump to x0, then add fresh noise at t_next.
+    `noise_fn` lets a family draw the noise in its pipeline's memory layout (FLUX's packed tokens), so the same
+    generators give the same images as the stock scheduler."""
     if bool((t_next == 0).all()):
         return x0
     a_next, s_next = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
-    return a_next * x0 + s_next * randn(x0.shape, generator, x0.device, x0.dtype)
+    return a_next * x0 + s_next * noise_fn(x0.shape, generator, x0.device, x0.dtype)
 
 
 def lcm_boundary(timestep: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
@@ -71,16 +74,16 @@ def consistency_x0(x_t: Tensor, x0: Tensor, t: Tensor, schedule: Schedule) -> Te
 
 
 def consistency_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
-                     generator: Generators = None) -> Tensor:
+                     generator: Generators = None, noise_fn: NoiseFn = randn) -> Tensor:
     """One LCMScheduler step: boundary-scaled x0, then re-noise to t_next (returns x0 when t_next = 0)."""
     denoised = consistency_x0(x_t, x0, t, schedule)
     if bool((t_next == 0).all()):
         return denoised
-    return renoise_step(x_t, denoised, t, t_next, schedule, generator)
+    return renoise_step(x_t, denoised, t, t_next, schedule, generator, noise_fn)
 
 
 def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
-             generator: Generators = None, gamma: float = 0.3) -> Tensor:
+             generator: Generators = None, noise_fn: NoiseFn = randn, gamma: float = 0.3) -> Tensor:
     """Strategic stochastic sampling of TCD (Zheng et al. 2024, Eq. 11; diffusers TCDScheduler): a DDIM jump to
     s = (1 - gamma) t_next, then forward diffusion from s to t_next. gamma = 0 is DDIM, gamma = 1 is LCM re-noising."""
     s = (1 - gamma) * t_next
@@ -94,7 +97,7 @@ def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Sched
     a_n, s_n = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
     ratio = a_n / a_s
     noise_std = (s_n**2 - ratio**2 * s_s**2).clamp_min(0).sqrt()
-    return ratio * x_s + noise_std * randn(x_s.shape, generator, x_s.device, x_s.dtype)
+    return ratio * x_s + noise_std * noise_fn(x_s.shape, generator, x_s.device, x_s.dtype)
 
 
 STEPS: dict[str, Step] = {"ddim": ddim_step, "euler": ddim_step, "consistency": consistency_step,

@@ -8,7 +8,7 @@ guidance scale as an input: `cond["guidance"]` ([B]) when given, else the pipeli
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,15 @@ class FluxFamily:
                   pooled_projections=cond["pooled_projections"].to(x.dtype), encoder_hidden_states=ehs,
                   txt_ids=txt_ids, img_ids=image_ids(h, w, x.device, x.dtype)).sample
         return unpack_latents(out, h, w)
+
+    def draw_noise(self, shape: Sequence[int], generator: Any, device: Any, dtype: torch.dtype) -> Tensor:
+        """Gaussian noise drawn in the pipeline's packed token layout, then unpacked: the same generators give
+        the same noise as `FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)` inside `FluxPipeline`."""
+        from fewstep.sampling.steps import randn
+
+        b, c, h, w = shape
+        tokens = randn((b, (h // 2) * (w // 2), c * 4), generator, device, dtype)
+        return unpack_latents(tokens, h, w)
 
     def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
         """Unpacked latent shape; like `FluxPipeline.prepare_latents`, sizes round down to an even latent."""

@@ -44,11 +44,12 @@ def flow_teacher_times(pipe: Any, steps: int, sigmas: Sequence[float] | None = N
 def flow_student_scheduler(pipe: Any) -> tuple[str, dict]:
     """FlowMatchEulerDiscreteScheduler with shifting switched off (shift 1, no dynamic shift), so the student's
     own sigmas passed as `sigmas=` reach the pipeline unchanged (algorithms.md §0.3: a shifting scheduler would
-    shift already-shifted sigmas a second time)."""
+    shift already-shifted sigmas a second time), and with `stochastic_sampling`: x0, then fresh noise at the next
+    sigma, the flow form of multistep consistency sampling that every fewstep student uses (`consistency_step`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
-                                                        use_dynamic_shifting=False)
+                                                        use_dynamic_shifting=False, stochastic_sampling=True)
     return "FlowMatchEulerDiscreteScheduler", dict(sched.config)
 
 
