@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "xformers"])
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoising network")
     e = sub.add_parser("export", help="rebuild the export of a checkpoint or a run folder")
     e.add_argument("checkpoint", help="runs/x (newest checkpoint) or runs/x/checkpoints/step-0000200")
     e.add_argument("--out", default=None, help="destination (default: <checkpoint>/export)")

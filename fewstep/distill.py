@@ -75,6 +75,7 @@ def finish(cfg: DictConfig, trainer: Any, teacher: Teacher, recipe: Any) -> Path
 
     out = Path(cfg.output_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
+    trainer.apply_ema()
     path = export_student(teacher, recipe.export_net(), recipe.inference(), out / "export", cfg.recipe,
                           teacher_reference(cfg.teacher.pretrained), {"train_steps": trainer.step})
     print(f"export written to {path}")
@@ -101,6 +102,7 @@ def export_from_checkpoint(path: str, out_dir: str | None = None) -> Path:
 
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)
     trainer.restore(ck)
+    trainer.apply_ema()
     dest = Path(out_dir) if out_dir else ck / "export"
     return export_student(teacher, recipe.export_net(), recipe.inference(), dest, cfg.recipe,
                           teacher_reference(cfg.teacher.pretrained), {"train_steps": trainer.step})

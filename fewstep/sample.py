@@ -57,6 +57,15 @@ def to_pil(image: torch.Tensor, gray: bool) -> Any:
     return Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy()))
 
 
+def precision_dtype(precision: str, device: str) -> torch.dtype | None:
+    """bf16 autocast only where CUDA runs the model; fp32 elsewhere."""
+    if precision == "bf16" and not device.startswith("cuda"):
+        raise FewstepError("--precision bf16 needs a CUDA device; use --precision fp32 (or auto) on CPU")
+    if precision == "bf16" or (precision == "auto" and device.startswith("cuda")):
+        return torch.bfloat16
+    return None
+
+
 def run_sample(args: Any) -> Path:
     out = Path(args.out)
     if (out / "metadata.jsonl").exists():
@@ -65,6 +74,9 @@ def run_sample(args: Any) -> Path:
         raise FewstepError("--num-images must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher, spec, name = resolve_model(args.model, args.steps, args.guidance, device)
+    teacher.autocast_dtype = precision_dtype(args.precision, device)
+    if args.compile:
+        teacher.net.compile()
     ctx = set_attention_backend(teacher.net, args.attention)
     prompts = choose_prompts(args.prompts, args.num_images, name)
     seeds = [args.seed + i for i in range(args.num_images)]

@@ -127,3 +127,22 @@ def test_lcm_runs_on_every_family(family: str, tmp_path: Path):
                            torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
     assert torch.isfinite(lat).all() and lat.shape[1:] == bundle.latent_shape()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_export_command_rebuilds_the_export_from_a_checkpoint(teacher_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from fewstep.distill import export_from_checkpoint
+
+    out = tmp_path / "e"
+    run(argv(teacher_dir, out, "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+             "train.ema_decay=0.5"))
+    assert (out / "checkpoints" / "step-0000001" / "ema.pt").is_file()
+    again = export_from_checkpoint(str(out), str(tmp_path / "again"))        # newest checkpoint = the final step
+    final, rebuilt = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (out / "export", again))
+    assert final.keys() == rebuilt.keys()
+    assert all(torch.equal(final[k], rebuilt[k]) for k in final)
+    earlier = export_from_checkpoint(str(out / "checkpoints" / "step-0000001"))
+    first = load_file(str(earlier / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(first[k], final[k]) for k in final)
+    assert json.loads((earlier / "fewstep.json").read_text())["train_steps"] == 1

@@ -66,6 +66,7 @@ class Teacher:
     pipe: Any
     family: Family
     name: str
+    autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
 
     @property
     def net(self) -> nn.Module:
@@ -84,7 +85,8 @@ class Teacher:
         return self.family.default_size(self.pipe)
 
     def denoiser(self, net: nn.Module | None = None) -> Denoiser:
-        return Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call)
+        return Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call,
+                        autocast_dtype=self.autocast_dtype)
 
     def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
         s = size or self.size

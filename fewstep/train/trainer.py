@@ -152,6 +152,8 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.acc.log(row, step=self.step)
+            if not self.cfg.train.progress:
+                self.acc.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def sample_grid(self) -> Path | None:
         if not self.acc.is_main_process:
@@ -186,6 +188,11 @@ class Trainer:
             blobs["ema"] = self.ema.state_dict()
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, blobs, self.meta(),
                                     self.cfg.train.keep_checkpoints)
+
+    def apply_ema(self) -> None:
+        """Copy the EMA weights into the student (end of training / export); no-op without train.ema_decay."""
+        if self.ema is not None:
+            self.ema.copy_to(trainable_parameters(self.roles["student"]))
 
     def meta(self) -> dict[str, Any]:
         student = self.roles["student"]

@@ -1,0 +1,141 @@
+"""The toy quality benchmark: teacher and students on the embedded toy teacher, scored with fid[digits-cnn],
+class accuracy and per-class diversity, timed per image, written to docs/results.md by this script only.
+
+    python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewstep.data.digits import class_balanced_prompts, parse_digit
+from fewstep.export import load_export
+from fewstep.metrics.digits import METRIC_NAME, score_digits
+from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.sampling.generate import generate_images
+from fewstep.train.report import save_grid
+
+
+@dataclass
+class Row:
+    name: str
+    steps: int
+    guidance: float
+    fid: float
+    accuracy: float
+    diversity: float
+    sec_per_image: float
+    n: int
+
+
+def evaluate(name: str, teacher: Teacher, times: torch.Tensor, step: str, guidance: float, n: int, seed: int,
+             grid_dir: Path | None) -> Row:
+    """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it, save a 10x10 grid."""
+    prompts = class_balanced_prompts(n)
+    labels = [parse_digit(p) for p in prompts]
+    net = teacher.net
+    tic = time.perf_counter()
+    images = generate_images(teacher, teacher.denoiser(), net, prompts, list(range(seed, seed + n)), times, step,
+                             guidance, batch_size=250)
+    seconds = time.perf_counter() - tic
+    scores = score_digits(images, labels)
+    if grid_dir is not None:
+        order = sorted(range(min(n, 100)), key=lambda i: labels[i])
+        save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
+    return Row(name, len(times) - 1, guidance, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: int, seed: int,
+                 grid_dir: Path | None) -> list[Row]:
+    return [evaluate(f"teacher DDIM {k} steps, w={w:g}", teacher, teacher.teacher_times(k), "ddim", w, n, seed,
+                     grid_dir) for k in steps for w in guidances]
+
+
+def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None) -> list[Row]:
+    student, spec, meta = load_export(export)
+    rows = []
+    for k in steps:
+        times = torch.tensor(spec.times, dtype=torch.float64) if k == len(spec.times) - 1 else student.student_times(k)
+        rows.append(evaluate(f"{label} student {k} steps, w={spec.guidance_scale:g}", student, times, spec.step,
+                             spec.guidance_scale, n, seed, grid_dir))
+    return rows
+
+
+def markdown(rows: list[Row], command: str, n: int) -> str:
+    base = next((r for r in rows if r.name.startswith("teacher DDIM 50")), None)
+    lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | class acc ↑ | diversity (1 = real) | s / image | speedup vs 50 steps |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        speed = f"{base.sec_per_image / r.sec_per_image:.1f}×" if base else "–"
+        lines.append(f"| {r.name} | {r.steps} | {r.fid:.2f} | {r.accuracy:.3f} | {r.diversity:.2f} | "
+                     f"{r.sec_per_image * 1000:.2f} ms | {speed} |")
+    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads")
+    return "\n".join([f"Written by `{command}` ({time.strftime('%Y-%m-%d')}; {env}). N = {n} images per row, "
+                      f"class-balanced prompts, seeds 0..{n - 1}; {METRIC_NAME} against all 1797 real digits.", "",
+                      *lines, ""])
+
+
+def write_section(path: Path, section: str, body: str) -> None:
+    """Replace (or append) the block between <!-- BEGIN section --> and <!-- END section --> in results.md."""
+    text = path.read_text() if path.exists() else "# fewstep results\n\nEvery table here is written by a script; re-run the command above it to reproduce it.\n"
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## {section}\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", action="append", default=[], help="label=export_dir (repeatable)")
+    p.add_argument("--student-steps", default="4", help="comma-separated step counts for students")
+    p.add_argument("--teacher-steps", default="50,4", help="comma-separated DDIM step counts for the teacher")
+    p.add_argument("--teacher-guidance", default="2,1", help="comma-separated CFG scales for the teacher")
+    p.add_argument("-n", "--num-images", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--section", default="toy-lcm", help="section of docs/results.md to (re)write")
+    p.add_argument("--results", default="docs/results.md")
+    p.add_argument("--grids", default="docs/img", help="folder for one 10x10 grid per row ('' = none)")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    grid_dir = Path(args.grids) if args.grids else None
+    teacher = load_teacher("toy-digits")
+    rows = teacher_rows(teacher, _ints(args.teacher_steps), _floats(args.teacher_guidance), args.num_images,
+                        args.seed, grid_dir)
+    for spec in args.student:
+        label, _, path = spec.partition("=")
+        rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir)
+    command = "python scripts/toy_benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    body = markdown(rows, command.strip(), args.num_images)
+    print(body)
+    write_section(Path(args.results), args.section, body)
+    Path(args.results).with_suffix(".json").write_text(json.dumps(
+        {**_load_json(Path(args.results).with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
+    return rows
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
