@@ -27,15 +27,6 @@ def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], in
     return net
 
 
-def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
-    """Toggle every peft LoRA layer (works for diffusers' PeftAdapterMixin models and plain peft injection)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in net.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled)
-
-
 def lora_config_dict(net: nn.Module) -> dict:
     return net.peft_config["default"].to_dict()
 
@@ -61,22 +52,6 @@ def add_guidance_embedding(net: nn.Module, dim: int = 256) -> nn.Module:
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     nn.init.zeros_(new.time_embedding.cond_proj.weight)
     return new.to(next(net.parameters()).device)
-
-
-class AdaptersDisabled(nn.Module):
-    """The frozen base under a LoRA student: the teacher, at no extra memory."""
-
-    def __init__(self, denoiser: Denoiser) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        net = self.denoiser.net
-        set_adapters_enabled(net, False)
-        try:
-            return self.denoiser(x_t, t, cond)
-        finally:
-            set_adapters_enabled(net, True)
 
 
 def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:

@@ -7,7 +7,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.errors import FewstepError
-from fewstep.models.student import AdaptersDisabled, add_guidance_embedding, add_lora, full_copy
+from fewstep.models.adapters import WithAdapter
+from fewstep.models.student import add_guidance_embedding, add_lora, full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec, Recipe
 from fewstep.recipes.lcm import LCM
@@ -36,7 +37,7 @@ def build_student(cfg: DictConfig, teacher: Teacher, guidance_embedding: bool = 
         lora = cfg.student.lora
         targets = list(lora.targets) or list(teacher.family.lora_targets)
         net = add_lora(teacher.net, lora.rank, lora.alpha, targets, lora.init_scale, cfg.train.seed)
-        return net, AdaptersDisabled(teacher.denoiser(net))
+        return net, WithAdapter(teacher.denoiser(net), None)
     base = add_guidance_embedding(teacher.net) if guidance_embedding else teacher.net
     return full_copy(base), teacher.denoiser()
 

@@ -46,6 +46,11 @@ class Recipe(ABC):
     def trainable(self) -> dict[str, nn.Module]:
         """Role name -> module whose trainable parameters one optimizer owns."""
 
+    def parameters(self, role: str) -> dict[str, nn.Parameter]:
+        """The parameters one role's optimizer owns (names are checkpoint keys). Default: the role module's
+        trainable parameters. Recipes whose roles share a module (two LoRA adapters on one base) override it."""
+        return {n: p for n, p in self.trainable()[role].named_parameters() if p.requires_grad}
+
     @abstractmethod
     def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
         """Losses for this iteration; randomness only from `generator`."""

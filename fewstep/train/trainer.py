@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from fewstep.data.datasets import batch_indices, collate
 from fewstep.errors import FewstepError
-from fewstep.models.student import has_lora, lora_config_dict, trainable_parameters
+from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.train import checkpoint as ckpt
@@ -43,6 +43,7 @@ class Trainer:
         self.cfg, self.recipe, self.teacher, self.dataset, self.acc = cfg, recipe, teacher, dataset, accelerator
         self.out = Path(cfg.output_dir)
         self.roles = recipe.trainable()
+        self.params = {role: recipe.parameters(role) for role in self.roles}   # captured once: roles may share a net
         self.optimizers, self.schedulers = self._optimizers()
         self.ema = self._ema()
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + accelerator.process_index)
@@ -56,8 +57,8 @@ class Trainer:
 
         t = self.cfg.train
         opts, scheds = {}, {}
-        for role, module in self.roles.items():
-            params = trainable_parameters(module)
+        for role in self.roles:
+            params = list(self.params[role].values())
             if not params:
                 raise FewstepError(f"role {role!r} has no trainable parameters; check student.mode / LoRA targets")
             opts[role] = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -70,7 +71,7 @@ class Trainer:
             return None
         from diffusers.training_utils import EMAModel
 
-        return EMAModel(trainable_parameters(self.roles["student"]), decay=self.cfg.train.ema_decay)
+        return EMAModel(list(self.params["student"].values()), decay=self.cfg.train.ema_decay)
 
     # -- data ----------------------------------------------------------------------------------------------
     def batch(self, index: int) -> Batch:
@@ -128,11 +129,11 @@ class Trainer:
             totals[f"grad_norm/{role}"] = self._step_role(role)
         self.recipe.after_optimizer_step(self.step)
         if self.ema is not None and "student" in stepped:
-            self.ema.step(trainable_parameters(self.roles["student"]))
+            self.ema.step(list(self.params["student"].values()))
         return totals
 
     def _step_role(self, role: str) -> float:
-        params = trainable_parameters(self.roles[role])
+        params = list(self.params[role].values())
         if self.acc.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -176,8 +177,7 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.acc.is_main_process:
             return None
-        tensors = {f"trainable-{r}": {n: p for n, p in m.named_parameters() if p.requires_grad}
-                   for r, m in self.roles.items()}
+        tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
         extra = self.recipe.extra_state()
         if extra:
             tensors["extra"] = extra
@@ -192,7 +192,7 @@ class Trainer:
     def apply_ema(self) -> None:
         """Copy the EMA weights into the student (end of training / export); no-op without train.ema_decay."""
         if self.ema is not None:
-            self.ema.copy_to(trainable_parameters(self.roles["student"]))
+            self.ema.copy_to(list(self.params["student"].values()))
 
     def meta(self) -> dict[str, Any]:
         student = self.roles["student"]
@@ -203,8 +203,8 @@ class Trainer:
     def restore(self, path: Path) -> None:
         tensors, blobs, meta = ckpt.load_checkpoint(path)
         check_compatible(meta, self.meta(), path)
-        for role, module in self.roles.items():
-            load_trainables(module, tensors.get(f"trainable-{role}", {}), path, role)
+        for role in self.roles:
+            load_trainables(self.params[role], tensors.get(f"trainable-{role}", {}), path, role)
         self.recipe.load_extra_state(tensors.get("extra", {}))
         for role in self.roles:
             self.optimizers[role].load_state_dict(blobs["optimizers"][role])
@@ -223,8 +223,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                                f"{fix}={current.get(key)}; set {fix}={saved.get(key)} or start a new output_dir")
 
 
-def load_trainables(module: nn.Module, state: dict[str, torch.Tensor], path: Path, role: str) -> None:
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+def load_trainables(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], path: Path, role: str) -> None:
     if set(params) != set(state) or any(params[k].shape != state[k].shape for k in params):
         raise FewstepError(f"checkpoint {path} does not match the {role}'s trainable parameters (different LoRA "
                            "targets or architecture); use the config the run was started with")

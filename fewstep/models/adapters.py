@@ -1,0 +1,60 @@
+"""Several LoRA adapters on one frozen base: the teacher (no adapter), the student ("default") and the critic
+("critic") share a single copy of the weights, and each call switches which adapter is live.
+
+peft's public switches (`set_adapter`, `enable_adapters`) also rewrite `requires_grad` on every adapter, which
+would silently freeze one role's parameters while another role is called; two-time-scale training owns disjoint
+adapters of one base with separate optimizers, so the switch here flips only the layers' live-adapter state.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import Tensor, nn
+
+STUDENT = "default"
+CRITIC = "critic"
+
+
+def tuner_layers(net: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def live_adapter(net: nn.Module, name: str | None) -> Iterator[None]:
+    """Within the block only adapter `name` is applied (None: no adapter, the frozen base)."""
+    layers = tuner_layers(net)
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if name is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter, m._disable_adapters = [name], False
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+class WithAdapter(nn.Module):
+    """A denoiser evaluated with one adapter of its network live (None = the base, i.e. the teacher)."""
+
+    def __init__(self, denoiser: nn.Module, name: str | None) -> None:
+        super().__init__()
+        self.denoiser, self.name = denoiser, name
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with live_adapter(self.denoiser.net, self.name):
+            return self.denoiser(x_t, t, cond)
+
+
+def adapter_parameters(net: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters of one adapter (peft names them `...lora_A.<name>.weight`)."""
+    return {n: p for n, p in net.named_parameters() if f".{name}." in n and "lora_" in n}
