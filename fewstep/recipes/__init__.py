@@ -11,18 +11,21 @@ from fewstep.models.adapters import WithAdapter
 from fewstep.models.student import add_guidance_embedding, add_lora, full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec, Recipe
+from fewstep.recipes.dmd2 import DMD2, dmd_student_times
 from fewstep.recipes.lcm import LCM
 
-RECIPES: dict[str, type[Recipe]] = {"lcm": LCM}
+RECIPES: dict[str, type[Recipe]] = {"lcm": LCM, "dmd2": DMD2}
 
 
-def inference_spec(cfg: DictConfig, teacher: Teacher, step: str) -> InferenceSpec:
+def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: Any = None) -> InferenceSpec:
     times = list(cfg.sample.timesteps)
     if times:
         if times[-1] != 0:
             times.append(0.0)
         if any(a <= b for a, b in zip(times, times[1:])):
             raise FewstepError(f"sample.timesteps must decrease in (0, 1] towards 0 (got {list(cfg.sample.timesteps)})")
+    elif default_times is not None:
+        times = [float(t) for t in default_times(teacher, cfg.sample.steps)]
     else:
         times = [float(t) for t in teacher.student_times(cfg.sample.steps, cfg.teacher.resolution or None)]
     return InferenceSpec(times=times, step=step, guidance_scale=float(cfg.sample.guidance_scale))
@@ -51,4 +54,30 @@ def build_recipe(cfg: DictConfig, teacher: Teacher) -> Recipe:
             student.enable_gradient_checkpointing()
         return cls(teacher=teacher, student=student, teacher_denoiser=real, config=method,
                    inference=inference_spec(cfg, teacher, "consistency"), lora=cfg.student.mode == "lora")
+    if cfg.algorithm == "dmd2":
+        return build_dmd2(cfg, teacher, method)
     raise FewstepError(f"no builder for algorithm {cfg.algorithm!r}")
+
+
+def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
+    """Student and critic on one frozen base where both are LoRA adapters ("default" and "critic"); a full
+    critic is copied from the clean base before any adapter is added."""
+    from fewstep.models.adapters import STUDENT, adapter_parameters
+    from fewstep.recipes.critic import build_critic
+
+    if method.critic_mode not in ("lora", "full"):
+        raise FewstepError(f"bad value method.critic_mode={method.critic_mode!r}; choose one of ['lora', 'full']")
+    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
+    student, _ = build_student(cfg, teacher)
+    if critic is None:
+        critic = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets)
+    lora = cfg.student.mode == "lora"
+    student_params = adapter_parameters(student, STUDENT) if lora else dict(student.named_parameters())
+    student_den = WithAdapter(teacher.denoiser(student), STUDENT) if lora else teacher.denoiser(student)
+    real = WithAdapter(teacher.denoiser(teacher.net), None)
+    if cfg.student.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
+    return DMD2(teacher=teacher, student=student, student_params=student_params, real=real, critic=critic[0],
+                critic_params=critic[2], config=method, inference=spec, student_denoiser=student_den)

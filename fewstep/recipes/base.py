@@ -51,6 +51,10 @@ class Recipe(ABC):
         trainable parameters. Recipes whose roles share a module (two LoRA adapters on one base) override it."""
         return {n: p for n, p in self.trainable()[role].named_parameters() if p.requires_grad}
 
+    def optimizer_settings(self, role: str) -> dict[str, float]:
+        """Per-role optimizer overrides (e.g. a critic learning rate for two time-scale updates)."""
+        return {}
+
     @abstractmethod
     def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
         """Losses for this iteration; randomness only from `generator`."""

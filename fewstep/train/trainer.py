@@ -61,7 +61,9 @@ class Trainer:
             params = list(self.params[role].values())
             if not params:
                 raise FewstepError(f"role {role!r} has no trainable parameters; check student.mode / LoRA targets")
-            opts[role] = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+            settings = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay,
+                        **self.recipe.optimizer_settings(role)}
+            opts[role] = torch.optim.AdamW(params, **settings)
             scheds[role] = get_scheduler(t.lr_schedule, opts[role], num_warmup_steps=t.warmup_steps,
                                          num_training_steps=t.steps)
         return opts, scheds

@@ -1,0 +1,125 @@
+"""The DMD family's critic: a trainable copy of the teacher that learns the student's score (the "fake score"),
+by default a LoRA adapter on the frozen teacher base (one copy of the weights), plus an optional GAN classifier
+head that reads the critic's bottleneck features through a forward hook (DMD2, Yin et al. 2024, §4.3)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.models.adapters import CRITIC, WithAdapter, adapter_parameters, live_adapter, tuner_layers
+from fewstep.models.student import full_copy, has_lora
+from fewstep.models.teacher import Teacher
+
+
+def add_critic_adapter(net: nn.Module, rank: int, alpha: float, targets: list[str]) -> dict[str, nn.Parameter]:
+    """A LoRA adapter "critic" on `net`, trainable, without changing which adapter is live elsewhere or any other
+    parameter's requires_grad (diffusers' `add_adapter` would make the new adapter live and freeze the others).
+    Layers the critic adds start switched off, so plain calls still run the base (or the student's adapter)."""
+    from peft import inject_adapter_in_model
+
+    from fewstep.models.lora import lora_config
+
+    before = {id(m): (m._active_adapter, m._disable_adapters) for m in tuner_layers(net)}
+    grads = {n: p.requires_grad for n, p in net.named_parameters()}
+    config = lora_config(targets, rank, alpha)
+    if hasattr(net, "add_adapter"):
+        net.add_adapter(config, adapter_name=CRITIC)
+    else:
+        inject_adapter_in_model(config, net, CRITIC)
+    for n, p in net.named_parameters():
+        p.requires_grad_(grads.get(n, False))
+    for m in tuner_layers(net):
+        m._active_adapter, m._disable_adapters = before.get(id(m), ([CRITIC], True))
+    params = adapter_parameters(net, CRITIC)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def build_critic(teacher: Teacher, mode: str, rank: int, alpha: float, targets: list[str],
+                 base: nn.Module | None = None) -> tuple[nn.Module, nn.Module, dict[str, nn.Parameter]]:
+    """(critic denoiser, its network, its trainable parameters). mode "lora": adapter on the shared base;
+    "full": a trainable copy of `base` (pass the clean teacher network before any student adapter is added)."""
+    if mode == "full":
+        net = full_copy(base if base is not None else teacher.net)
+        return teacher.denoiser(net), net, {f"net.{n}": p for n, p in net.named_parameters()}
+    params = add_critic_adapter(teacher.net, rank, alpha, targets)
+    return WithAdapter(teacher.denoiser(teacher.net), CRITIC), teacher.net, params
+
+
+def feature_module(net: nn.Module) -> nn.Module:
+    """Where the GAN head reads: the UNet bottleneck (DMD2 `classify_forward` rep[-1]), else the middle block of a
+    transformer's block list."""
+    mid = getattr(net, "mid_block", None)
+    if mid is not None:
+        return mid
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"no mid_block or transformer_blocks on {type(net).__name__} for the GAN head")
+    return blocks[len(blocks) // 2]
+
+
+class FeatureTap:
+    """Forward hook keeping the last output of a module (the last tensor when it returns a tuple)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: Tensor | None = None
+        self.handle = module.register_forward_hook(self._store)
+
+    def _store(self, module: nn.Module, args: object, out: object) -> None:
+        if isinstance(out, (tuple, list)):
+            out = [o for o in out if torch.is_tensor(o)][-1]
+        self.value = out
+
+
+class GanHead(nn.Module):
+    """Classifier on critic features -> one logit per sample. Spatial features [B, C, H, W]: conv blocks with
+    stride 2 down to <= 4x4, then global pooling (DMD2's head, §3.1, made size-agnostic); token features
+    [B, N, D]: a token MLP and mean pooling."""
+
+    def __init__(self, channels: int, spatial: bool, size: int = 8, width: int = 256) -> None:
+        super().__init__()
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
+        if spatial:
+            layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU()]
+            while size > 4:
+                layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GroupNorm(groups, width), nn.SiLU()]
+                size //= 2
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        else:
+            layers = [nn.LayerNorm(channels), nn.Linear(channels, width), nn.SiLU()]
+        self.body, self.spatial = nn.Sequential(*layers), spatial
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        h = self.body(features.float())
+        if not self.spatial:
+            h = h.mean(dim=1)
+        return self.out(h).squeeze(-1)
+
+
+def make_head(tap: FeatureTap, width: int, device: torch.device) -> GanHead:
+    """Size the head from one feature map the critic already produced."""
+    f = tap.value
+    assert f is not None, "run the critic once before building the head"
+    head = GanHead(f.shape[1] if f.ndim == 4 else f.shape[-1], f.ndim == 4, f.shape[-1] if f.ndim == 4 else 0, width)
+    return head.to(device)
+
+
+@contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """Parameters that must pass gradients through but not receive them (the critic in the generator's GAN term)."""
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+
+
+__all__ = ["build_critic", "FeatureTap", "GanHead", "make_head", "frozen", "feature_module", "live_adapter"]

@@ -1,0 +1,205 @@
+"""DMD2: improved distribution matching distillation (Yin et al. 2024, Alg. 1; algorithms.md §3), with the
+decoupled-guidance option of §7.1. Roles: the student (few-step generator) and the critic (fake score + optional
+GAN head), updated on two time scales."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.schedule import bcast
+from fewstep.errors import FewstepError
+from fewstep.models.denoiser import concat_cond
+from fewstep.models.teacher import Teacher
+from fewstep.recipes import losses as L
+from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
+
+
+@dataclass
+class DMD2Config:
+    critic_steps_per_student_step: int = 5   # TTUR ratio N (official: 5 SDXL, 10 SD1.5)
+    real_guidance: float = 2.0               # teacher CFG w_real in the DM term (Imagen convention)
+    dm_t_min: float = 0.02                   # DM timesteps t ~ U[0.02, 0.98] (DMD2 min/max_step_percent)
+    dm_t_max: float = 0.98
+    critic_t_min: float = 0.001              # fake-score denoising timesteps
+    critic_t_max: float = 1.0
+    dm_weight: float = 1.0
+    backward_simulation: bool = True         # inference-like student inputs made by the current student
+    gan_generator_weight: float = 0.0        # 0 switches the GAN term off (official SDXL: 5e-3)
+    gan_critic_weight: float = 0.0           # official: 1e-2
+    gan_t_max: float = 1.0                   # diffusion-GAN noising of the classifier input, t ~ U[0, gan_t_max]
+    gan_head_width: int = 256
+    critic_mode: str = "lora"                # lora (adapter on the shared frozen base) | full (trainable copy)
+    critic_rank: int = 16
+    critic_alpha: float = 16.0
+    critic_lr: float = 0.0                   # 0 = train.lr
+    decoupled: bool = False                  # §7.1: CFG-augmentation and DM terms on separate draws and weights
+    ca_weight: float = 1.0
+    ca_t_min: float = 0.02
+    ca_t_max: float = 0.98
+    norm_min: float = 1e-4                   # clamp of the DMD normaliser mean|x - x0_real| (LightX2V)
+
+
+def dmd_student_times(teacher: Teacher, steps: int) -> Tensor:
+    """DMD2's fixed student grid: range(T - 1, 0, -T // K) on DDPM tables (999, 749, 499, 249 for K = 4); the
+    teacher's own (shifted) K-step grid for flow teachers. Ends at 0."""
+    sched = teacher.schedule
+    if sched.kind == "vp":
+        n = sched.num_train_timesteps
+        idx = torch.arange(n - 1, 0, -(n // steps), dtype=torch.float64)[:steps]
+        return torch.cat([idx / (n - 1), torch.zeros(1, dtype=torch.float64)])
+    return teacher.teacher_times(steps)
+
+
+class DMD2(Recipe):
+    """Student: DM gradient from teacher vs critic (+ GAN). Critic: denoising on the student's samples (+ GAN
+    discriminator on real vs student). The student steps once every `critic_steps_per_student_step` iterations."""
+
+    Config: ClassVar[type] = DMD2Config
+    name: ClassVar[str] = "dmd2"
+
+    def __init__(self, teacher: Teacher, student: nn.Module, student_params: dict[str, nn.Parameter],
+                 real: nn.Module, critic: nn.Module, critic_params: dict[str, nn.Parameter], config: DMD2Config,
+                 inference: InferenceSpec, student_denoiser: nn.Module) -> None:
+        self.cfg, self.teacher, self.spec = config, teacher, inference
+        self.schedule = teacher.schedule
+        self.student_net, self.student = student, student_denoiser
+        self.real, self.critic = real, critic
+        self._params = {"student": student_params, "critic": dict(critic_params)}
+        self.times = torch.tensor(inference.times[:-1], dtype=torch.float64)
+        self.head: GanHead | None = None
+        self.tap: FeatureTap | None = None
+        if config.gan_generator_weight > 0 or config.gan_critic_weight > 0:
+            self.attach_gan_head()
+
+    # -- roles ---------------------------------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.student_net, "critic": self.critic}
+
+    def parameters(self, role: str) -> dict[str, nn.Parameter]:
+        return self._params[role]
+
+    def optimizer_settings(self, role: str) -> dict[str, float]:
+        return {"lr": self.cfg.critic_lr} if role == "critic" and self.cfg.critic_lr > 0 else {}
+
+    def inference(self) -> InferenceSpec:
+        return self.spec
+
+    def attach_gan_head(self) -> None:
+        """Build the classifier head from one critic feature map of a dummy input (its size depends on the
+        family and resolution); its parameters join the critic's optimizer and checkpoint."""
+        self.tap = FeatureTap(feature_module(self.critic.net))
+        device = next(self.critic.net.parameters()).device
+        x = torch.zeros(1, *self.teacher.latent_shape(), device=device)
+        with torch.no_grad():
+            self.critic(x, torch.full((1,), 0.5, device=device), self.teacher.null_cond(1))
+        self.head = make_head(self.tap, self.cfg.gan_head_width, device)
+        self._params["critic"].update({f"gan_head.{n}": p for n, p in self.head.named_parameters()})
+
+    # -- the algorithm -------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+        student_turn = step % self.cfg.critic_steps_per_student_step == 0          # §3.5: i % N == 0
+        x_gen = self.generate(batch, generator, grad=student_turn)
+        losses, metrics = {}, {}
+        if student_turn:
+            losses["student"], metrics = self.student_loss(x_gen, batch, generator)
+        losses["critic"] = self.critic_loss(x_gen.detach(), batch, generator)
+        return StepOutput(losses, metrics)
+
+    def generate(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        """The student's sample for this iteration. With backward simulation, the input at the drawn step k is
+        made by running the current student for k steps from fresh noise (no grad); otherwise real latents are
+        noised to tau_k. k = 0 (and t = 999) is pure noise (§3.3). Gradient flows through the last call only."""
+        shape = (len(batch.prompts), *self.teacher.latent_shape())
+        dev = next(iter(batch.cond.values())).device
+        k = int(torch.randint(0, len(self.times), (1,), generator=generator))
+        x = torch.randn(shape, generator=generator).to(dev)
+        if k > 0:
+            with torch.no_grad():
+                x = self._simulate(x, k, batch, generator) if self.cfg.backward_simulation else \
+                    self._noised_real(batch, k, generator)
+        tk = self.times[k].to(dev).expand(len(x))
+        with torch.set_grad_enabled(grad):
+            return self.student(x, tk, batch.cond)
+
+    def _simulate(self, x: Tensor, k: int, batch: Batch, generator: torch.Generator) -> Tensor:
+        for j in range(k):
+            x0 = self.student(x, self.times[j].to(x.device).expand(len(x)), batch.cond)
+            a, s = (bcast(v, x) for v in self.schedule.alpha_sigma(self.times[j + 1].to(x.device).expand(len(x))))
+            x = a * x0 + s * torch.randn(x.shape, generator=generator).to(x.device)
+        return x
+
+    def _noised_real(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
+        if batch.x0.numel() == 0:
+            raise FewstepError("method.backward_simulation=false needs real images (data.source=digits or folder)")
+        a, s = (bcast(v, batch.x0) for v in self.schedule.alpha_sigma(self.times[k].expand(len(batch.x0))))
+        return a * batch.x0 + s * torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
+
+    def _noise(self, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        t = uniform(generator, len(x), lo, hi, x.device)
+        a, s = (bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        return a * x + s * torch.randn(x.shape, generator=generator).to(x.device), t
+
+    def _teacher_cond_uncond(self, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        both = self.real(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(batch.cond, batch.neg))
+        return both.chunk(2)
+
+    def direction(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+        """The DMD gradient g (§0.6), or the sum of the decoupled CA and DM terms on separate draws (§7.1)."""
+        c, w = self.cfg, self.cfg.real_guidance
+        if not c.decoupled:
+            x_t, t = self._noise(x, c.dm_t_min, c.dm_t_max, generator)
+            xc, xu = self._teacher_cond_uncond(x_t, t, batch)
+            return c.dm_weight * L.dmd_direction(x, xu + w * (xc - xu), self.critic(x_t, t, batch.cond), c.norm_min)
+        g = torch.zeros_like(x)
+        if c.ca_weight > 0:
+            x_t, t = self._noise(x, c.ca_t_min, c.ca_t_max, generator)
+            xc, xu = self._teacher_cond_uncond(x_t, t, batch)
+            g = g + L.decoupled_dmd_direction(x, xc, xu, xc, w, w_cfg=c.ca_weight, w_dm=0.0, eps_norm_min=c.norm_min)
+        if c.dm_weight > 0:
+            x_t, t = self._noise(x, c.dm_t_min, c.dm_t_max, generator)
+            xc, xu = self._teacher_cond_uncond(x_t, t, batch)
+            g = g + L.decoupled_dmd_direction(x, xc, xu, self.critic(x_t, t, batch.cond), w, w_cfg=0.0,
+                                              w_dm=c.dm_weight, eps_norm_min=c.norm_min)
+        return g
+
+    def student_loss(self, x_gen: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
+        with torch.no_grad():
+            g = self.direction(x_gen.detach(), batch, generator)
+        loss = L.dmd_loss(x_gen, g)
+        metrics = {"dm_grad_norm": float(g.norm() / max(len(g), 1))}
+        if self.head is not None and self.cfg.gan_generator_weight > 0:
+            with frozen(list(self._params["critic"].values())):        # gradient through, not into, the critic
+                adv = L.gan_generator_loss(self._critic_logits_input(x_gen, batch.cond, generator))
+            loss = loss + self.cfg.gan_generator_weight * adv
+            metrics["loss/gan_generator"] = float(adv.detach())
+        return loss, metrics
+
+    def critic_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+        """Fake-score denoising on sg(student samples), in the teacher's own parameterisation (eps-MSE for SD,
+        as DMD2; flow-matching for flow teachers), plus the GAN discriminator loss."""
+        x_t, t = self._noise(x, self.cfg.critic_t_min, self.cfg.critic_t_max, generator)
+        weight = L.denoising_weight(t, self.schedule, self.teacher.prediction)
+        loss = L.critic_denoising_loss(self.critic(x_t, t, batch.cond), x, weight)
+        if self.head is not None and self.cfg.gan_critic_weight > 0:
+            if batch.x0.numel() == 0:
+                raise FewstepError("the GAN term needs real images: use data.source=digits or folder, or set "
+                                   "method.gan_generator_weight=0 method.gan_critic_weight=0")
+            real = self._critic_logits_input(batch.x0, batch.cond, generator)
+            fake = self._critic_logits_input(x, batch.cond, generator)
+            loss = loss + self.cfg.gan_critic_weight * L.gan_discriminator_loss(real, fake)
+        return loss
+
+    def _critic_logits_input(self, x0: Tensor, cond: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """Diffusion-GAN classifier: noise x0 to t ~ U[0, gan_t_max], run the critic, classify its features."""
+        x_t, t = self._noise(x0, 0.0, self.cfg.gan_t_max, generator)
+        self.critic(x_t, t, cond)
+        if self.head is None:
+            return torch.zeros(len(x0), device=x0.device)
+        return self.head(self.tap.value)
+
+    def export_net(self) -> nn.Module:
+        return self.student_net
