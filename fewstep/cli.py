@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoising network")
+    q = sub.add_parser("pairs", help="cache teacher noise->image pairs for recipe=dmd's regression loss")
+    q.add_argument("model", help="preset name or Diffusers pipeline folder (the teacher)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--num", type=int, default=2000)
+    q.add_argument("--steps", type=int, default=50, help="teacher DDIM/Euler steps")
+    q.add_argument("--guidance", type=float, default=2.0, help="teacher CFG scale (use the distillation's)")
+    q.add_argument("--seed", type=int, default=1_000_000, help="pair i uses seed + i (kept apart from sampling seeds)")
+    q.add_argument("--prompts", default=None)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--device", default=None)
     e = sub.add_parser("export", help="rebuild the export of a checkpoint or a run folder")
     e.add_argument("checkpoint", help="runs/x (newest checkpoint) or runs/x/checkpoints/step-0000200")
     e.add_argument("--out", default=None, help="destination (default: <checkpoint>/export)")
@@ -53,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         from fewstep.sample import run_sample
 
         guarded(lambda: run_sample(args))
+    elif args.command == "pairs":
+        from fewstep.pairs import run_pairs
+
+        guarded(lambda: run_pairs(args))
     elif args.command == "export":
         from fewstep.distill import export_from_checkpoint
 

@@ -161,18 +161,20 @@ def _validate(layers: list[DictConfig], cli: DictConfig, recipe: str, model: str
         cfg = OmegaConf.merge(schema, *layers, cli, {"recipe": recipe, "model": model, "algorithm": algorithm})
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise FewstepError(_explain(exc)) from exc
+        raise FewstepError(_explain(exc, schema)) from exc
     check_choices(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _explain(exc: OmegaConfBaseException) -> str:
+def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> str:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
-    if type(exc).__name__ == "ConfigKeyError":
+    if type(exc).__name__ in ("ConfigKeyError", "ConfigAttributeError"):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return f"unknown config key {key!r}; check the spelling (valid keys under {parent or 'the top level'} are listed by `fewstep distill --help-config`)"
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        return f"unknown config key {key!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
     return f"bad value for {key!r}: {msg}"
 
 
@@ -193,6 +195,9 @@ def check_choices(cfg: DictConfig) -> None:
     if cfg.data.source != "digits" and (OmegaConf.is_missing(cfg.data, "path") or cfg.data.path in ("", "???")):
         kind = "a folder of images with metadata.jsonl" if cfg.data.source == "folder" else "a prompt file"
         raise FewstepError(f"data.path is required for data.source={cfg.data.source}: pass data.path=<{kind}>")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise FewstepError(f"config key {missing[0]} must be set for recipe={cfg.recipe}: pass {missing[0]}=<value>")
     for key in ("train.steps", "data.batch_size", "sample.steps", "train.gradient_accumulation_steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise FewstepError(f"{key} must be >= 1 (got {OmegaConf.select(cfg, key)})")

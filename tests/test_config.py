@@ -30,7 +30,7 @@ def test_every_shipped_recipe_and_model_validates():
 @pytest.mark.parametrize("argv,needle", [
     (["recipe=nope"], "unknown recipe 'nope'"),
     (["model=sd9"], "unknown model 'sd9'"),
-    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["train.stepz=3"], "unknown config key 'train.stepz'; valid keys under train: ["),
     (["train.steps=many"], "bad value for 'train.steps'"),
     (["student.mode=half"], "choose one of ['lora', 'full']"),
     (["data.source=web"], "data.source"),

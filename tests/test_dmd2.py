@@ -145,3 +145,27 @@ def test_three_steps_per_family_and_export(family: str, tmp_path: Path):
     assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
     bundle, spec, meta = load_export(out / "export")
     assert meta["recipe"] == "dmd2" and meta["family"] == family and len(spec.times) == 5
+
+
+def test_dmd_one_step_with_teacher_pairs(teacher_dir: Path, tmp_path: Path, capsys):
+    """recipe=dmd: `fewstep pairs` caches teacher ODE pairs; the one-step student regresses onto them."""
+    from fewstep.cli import main
+    from fewstep.pairs import load_pairs
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na tree\n")
+    main(["pairs", str(teacher_dir), "--out", str(tmp_path / "pairs"), "--num", "6", "--steps", "4",
+          "--prompts", str(prompts), "--batch-size", "4"])
+    noise, target, names = load_pairs(str(tmp_path / "pairs"))
+    assert noise.shape == target.shape and len(names) == 6 and not torch.equal(noise, target)
+    base = ["recipe=dmd", f"teacher.pretrained={teacher_dir}", "data.batch_size=2", "train.progress=false",
+            "sample.grid_size=2", "student.lora.rank=4", "method.critic_rank=4", "train.log_every=1"]
+    with pytest.raises(SystemExit) as info:
+        main(["distill", *base, f"output_dir={tmp_path / 'bad'}"])
+    assert info.value.code == 2 and "needs method.pairs_path" in capsys.readouterr().err
+    out = tmp_path / "dmd"
+    run([*base, f"output_dir={out}", "train.steps=2", f"method.pairs_path={tmp_path / 'pairs'}"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/student" in r and "loss/regression" in r and "loss/critic" in r for r in rows)
+    meta = json.loads((out / "export" / "fewstep.json").read_text())
+    assert meta["timesteps"] == [999] and meta["num_inference_steps"] == 1

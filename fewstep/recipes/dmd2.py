@@ -15,6 +15,7 @@ from fewstep.models.denoiser import concat_cond
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.pairs import load_pairs
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
 
 
@@ -41,6 +42,9 @@ class DMD2Config:
     ca_t_min: float = 0.02
     ca_t_max: float = 0.98
     norm_min: float = 1e-4                   # clamp of the DMD normaliser mean|x - x0_real| (LightX2V)
+    regression_weight: float = 0.0           # DMD (v1): lambda_reg on teacher noise->image pairs (paper: 0.25)
+    regression_loss: str = "l2"              # l2 | huber, in latent space (LPIPS needs weights fewstep lacks)
+    pairs_path: str = ""                     # folder written by `fewstep pairs`
 
 
 def dmd_student_times(teacher: Teacher, steps: int) -> Tensor:
@@ -72,6 +76,10 @@ class DMD2(Recipe):
         self.times = torch.tensor(inference.times[:-1], dtype=torch.float64)
         self.head: GanHead | None = None
         self.tap: FeatureTap | None = None
+        if config.regression_weight > 0 and not config.pairs_path:
+            raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build the cache with "
+                               "`fewstep pairs <teacher> --out <dir>` and pass method.pairs_path=<dir>")
+        self.pairs = load_pairs(config.pairs_path) if config.regression_weight > 0 else None
         if config.gan_generator_weight > 0 or config.gan_critic_weight > 0:
             self.attach_gan_head()
 
@@ -171,12 +179,26 @@ class DMD2(Recipe):
             g = self.direction(x_gen.detach(), batch, generator)
         loss = L.dmd_loss(x_gen, g)
         metrics = {"dm_grad_norm": float(g.norm() / max(len(g), 1))}
+        if self.pairs is not None:
+            reg = self.regression(len(x_gen), generator, x_gen.device)
+            loss = loss + self.cfg.regression_weight * reg
+            metrics["loss/regression"] = float(reg.detach())
         if self.head is not None and self.cfg.gan_generator_weight > 0:
             with frozen(list(self._params["critic"].values())):        # gradient through, not into, the critic
                 adv = L.gan_generator_loss(self._critic_logits_input(x_gen, batch.cond, generator))
             loss = loss + self.cfg.gan_generator_weight * adv
             metrics["loss/gan_generator"] = float(adv.detach())
         return loss, metrics
+
+    def regression(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """DMD's regression term (Yin et al. 2024, Eq. 9): the one-step student from stored teacher noise must land
+        on the teacher's deterministic sample; in latent space here (L2 or pseudo-Huber)."""
+        noise, target, prompts = self.pairs
+        idx = torch.randint(0, len(noise), (n,), generator=generator)
+        cond = self.teacher.encode_prompts([prompts[i] for i in idx])
+        t0 = self.times[0].to(device).expand(n)
+        pred = self.student(noise[idx].to(device), t0, {k: v.to(device) for k, v in cond.items()})
+        return L.regression_loss(pred, target[idx].to(device), self.cfg.regression_loss)
 
     def critic_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
         """Fake-score denoising on sg(student samples), in the teacher's own parameterisation (eps-MSE for SD,
