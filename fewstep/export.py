@@ -39,7 +39,10 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     size = teacher.size
     sched_name, sched_config = fam.student_scheduler(pipe)
     lora = lora_config_dict(net) if has_lora(net) else None
-    if lora is not None:
+    if spec.experts:
+        for name, _ in spec.experts:
+            save_named_adapter(teacher, net, name, tmp / name)
+    elif lora is not None:
         save_lora(fam, net, tmp)
     else:
         save_full_pipeline(teacher, net, sched_name, sched_config, tmp)
@@ -47,6 +50,7 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
             "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
             "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
+            "experts": [{"adapter": name, "until": bound} for name, bound in spec.experts],
             "resolution": size, "lora": None if lora is None else {
                 "rank": lora["r"], "alpha": lora["lora_alpha"], "targets": sorted(lora["target_modules"])},
             **(extra or {})}
@@ -59,6 +63,19 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     else:
         os.replace(tmp, out_dir)
     return out_dir
+
+
+def save_named_adapter(teacher: Teacher, net: nn.Module, name: str, out: Path) -> None:
+    """One adapter of a multi-adapter network as a stock diffusers LoRA file (with its alpha metadata)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    fam = teacher.family
+    if not hasattr(fam.pipeline_cls, "save_lora_weights"):
+        raise FewstepError(f"{fam.pipeline_cls.__name__} cannot load LoRA files, so phased experts cannot be exported")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net, adapter_name=name))
+    fam.pipeline_cls.save_lora_weights(str(out), **{f"{fam.lora_prefix}_lora_layers": layers,
+                                                     f"{fam.lora_prefix}_lora_adapter_metadata": net.peft_config[name].to_dict()})
 
 
 def save_full_pipeline(teacher: Teacher, net: nn.Module, sched_name: str, sched_config: dict, out: Path) -> None:
@@ -89,12 +106,18 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher
     meta = read_sidecar(path)
     if meta is None:
         raise FewstepError(f"{path} has no {SIDECAR}; pass an export folder written by fewstep")
-    if meta.get("lora"):
+    if meta.get("experts"):
+        teacher = load_teacher(meta["teacher"], device=device)
+        for e in meta["experts"]:
+            teacher.pipe.load_lora_weights(str(Path(path) / e["adapter"]), adapter_name=e["adapter"])
+        teacher.experts = [(e["adapter"], float(e["until"])) for e in meta["experts"]]
+    elif meta.get("lora"):
         from fewstep.models.lora import load_lora
 
         teacher = load_teacher(meta["teacher"], device=device)
         load_lora(teacher.family, teacher.pipe, path)
     else:
         teacher = load_teacher(str(path), device=device)
-    spec = InferenceSpec(times=meta["times"], step=meta["step"], guidance_scale=meta["guidance_scale"])
+    spec = InferenceSpec(times=meta["times"], step=meta["step"], guidance_scale=meta["guidance_scale"],
+                         experts=list(teacher.experts))
     return teacher, spec, meta

@@ -55,6 +55,51 @@ class WithAdapter(nn.Module):
             return self.denoiser(x_t, t, cond)
 
 
+class ExpertSwitch(nn.Module):
+    """Phased students: the adapter of the phase that owns time t, experts = [(adapter, bound)] from high noise to
+    low; a step at time t uses the first expert whose bound lies below t (the last bound is 0)."""
+
+    def __init__(self, denoiser: nn.Module, experts: list[tuple[str, float]]) -> None:
+        super().__init__()
+        self.denoiser, self.experts = denoiser, list(experts)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    def expert_for(self, t: float) -> str:
+        return next((name for name, bound in self.experts if t > bound + 1e-9), self.experts[-1][0])
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with live_adapter(self.denoiser.net, self.expert_for(float(t.reshape(-1)[0]))):
+            return self.denoiser(x_t, t, cond)
+
+
 def adapter_parameters(net: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters of one adapter (peft names them `...lora_A.<name>.weight`)."""
     return {n: p for n, p in net.named_parameters() if f".{name}." in n and "lora_" in n}
+
+
+def add_named_adapter(net: nn.Module, name: str, rank: int, alpha: float, targets: list[str]) -> dict[str, nn.Parameter]:
+    """A LoRA adapter `name` on `net`, trainable, without changing which adapter is live elsewhere or any other
+    parameter's requires_grad (diffusers' `add_adapter` would make the new adapter live and freeze the others).
+    Layers the new adapter adds start switched off, so plain calls still run the base (or the student's adapter)."""
+    from peft import inject_adapter_in_model
+
+    from fewstep.models.lora import lora_config
+
+    before = {id(m): (m._active_adapter, m._disable_adapters) for m in tuner_layers(net)}
+    grads = {n: p.requires_grad for n, p in net.named_parameters()}
+    config = lora_config(targets, rank, alpha)
+    if hasattr(net, "add_adapter"):
+        net.add_adapter(config, adapter_name=name)
+    else:
+        inject_adapter_in_model(config, net, name)
+    for n, p in net.named_parameters():
+        p.requires_grad_(grads.get(n, False))
+    for m in tuner_layers(net):
+        m._active_adapter, m._disable_adapters = before.get(id(m), ([name], True))
+    params = adapter_parameters(net, name)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params

@@ -27,8 +27,11 @@ def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], in
     return net
 
 
-def lora_config_dict(net: nn.Module) -> dict:
-    return net.peft_config["default"].to_dict()
+def lora_config_dict(net: nn.Module, name: str | None = None) -> dict:
+    """The student's adapter config: `name`, else "default" (plain LoRA students), else the first phase expert."""
+    configs = net.peft_config
+    key = name or next((k for k in ("default", "phase0") if k in configs), next(iter(configs)))
+    return configs[key].to_dict()
 
 
 def has_lora(net: nn.Module) -> bool:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Teacher:
     family: Family
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
+    experts: list = field(default_factory=list)  # phased students: [(adapter, bound)], switched by time
 
     @property
     def net(self) -> nn.Module:
@@ -84,9 +85,14 @@ class Teacher:
     def size(self) -> int:
         return self.family.default_size(self.pipe)
 
-    def denoiser(self, net: nn.Module | None = None) -> Denoiser:
-        return Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call,
-                        autocast_dtype=self.autocast_dtype)
+    def denoiser(self, net: nn.Module | None = None) -> nn.Module:
+        den = Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call,
+                       autocast_dtype=self.autocast_dtype)
+        if not self.experts:
+            return den
+        from fewstep.models.adapters import ExpertSwitch
+
+        return ExpertSwitch(den, self.experts)
 
     def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
         s = size or self.size

@@ -13,8 +13,9 @@ from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec, Recipe
 from fewstep.recipes.dmd2 import DMD2, dmd_student_times
 from fewstep.recipes.lcm import LCM
+from fewstep.recipes.phased_dmd import PhasedDMD, check_phases
 
-RECIPES: dict[str, type[Recipe]] = {"lcm": LCM, "dmd2": DMD2}
+RECIPES: dict[str, type[Recipe]] = {"lcm": LCM, "dmd2": DMD2, "phased_dmd": PhasedDMD}
 
 
 def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: Any = None) -> InferenceSpec:
@@ -56,6 +57,8 @@ def build_recipe(cfg: DictConfig, teacher: Teacher) -> Recipe:
                    inference=inference_spec(cfg, teacher, "consistency"), lora=cfg.student.mode == "lora")
     if cfg.algorithm == "dmd2":
         return build_dmd2(cfg, teacher, method)
+    if cfg.algorithm == "phased_dmd":
+        return build_phased_dmd(cfg, teacher, method)
     raise FewstepError(f"no builder for algorithm {cfg.algorithm!r}")
 
 
@@ -81,3 +84,31 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
     spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
     return DMD2(teacher=teacher, student=student, student_params=student_params, real=real, critic=critic[0],
                 critic_params=critic[2], config=method, inference=spec, student_denoiser=student_den)
+
+
+def build_phased_dmd(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
+    """One LoRA expert ("phase<k>") and one LoRA critic ("critic<k>") per phase, all on the frozen base."""
+    from fewstep.models.adapters import add_named_adapter
+    from fewstep.recipes.critic import build_critic
+
+    if cfg.student.mode != "lora":
+        raise FewstepError("phased_dmd trains one LoRA expert per phase: set student.mode=lora")
+    if method.schedule not in ("progressive", "alternate"):
+        raise FewstepError(f"bad value method.schedule={method.schedule!r}; choose one of ['progressive', 'alternate']")
+    check_phases(list(method.phase_steps), cfg.sample.steps)
+    lora, targets = cfg.student.lora, list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    net, experts, expert_params, critics, critic_params = teacher.net, [], {}, [], {}
+    net.requires_grad_(False)
+    for k in range(len(method.phase_steps)):
+        experts.append(f"phase{k}")
+        expert_params.update(add_named_adapter(net, experts[-1], lora.rank, lora.alpha, targets))
+    for k in range(len(method.phase_steps)):
+        den, _, params = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets, name=f"critic{k}")
+        critics.append(den)
+        critic_params.update(params)
+    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
+    bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(experts))]
+    spec.experts = [(name, b) for name, b in zip(experts, bounds)]
+    return PhasedDMD(teacher=teacher, net=net, experts=experts, expert_params=expert_params, critics=critics,
+                     critic_params=critic_params, real=WithAdapter(teacher.denoiser(net), None), config=method,
+                     inference=spec, total_steps=cfg.train.steps)

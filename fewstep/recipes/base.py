@@ -34,6 +34,7 @@ class InferenceSpec:
     times: list[float]
     step: str
     guidance_scale: float = 1.0
+    experts: list[tuple[str, float]] = field(default_factory=list)  # Phased DMD: (LoRA adapter, used while t > bound)
 
 
 class Recipe(ABC):

@@ -9,45 +9,20 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from fewstep.models.adapters import CRITIC, WithAdapter, adapter_parameters, live_adapter, tuner_layers
+from fewstep.models.adapters import CRITIC, WithAdapter, add_named_adapter, live_adapter
 from fewstep.models.student import full_copy, has_lora
 from fewstep.models.teacher import Teacher
 
 
-def add_critic_adapter(net: nn.Module, rank: int, alpha: float, targets: list[str]) -> dict[str, nn.Parameter]:
-    """A LoRA adapter "critic" on `net`, trainable, without changing which adapter is live elsewhere or any other
-    parameter's requires_grad (diffusers' `add_adapter` would make the new adapter live and freeze the others).
-    Layers the critic adds start switched off, so plain calls still run the base (or the student's adapter)."""
-    from peft import inject_adapter_in_model
-
-    from fewstep.models.lora import lora_config
-
-    before = {id(m): (m._active_adapter, m._disable_adapters) for m in tuner_layers(net)}
-    grads = {n: p.requires_grad for n, p in net.named_parameters()}
-    config = lora_config(targets, rank, alpha)
-    if hasattr(net, "add_adapter"):
-        net.add_adapter(config, adapter_name=CRITIC)
-    else:
-        inject_adapter_in_model(config, net, CRITIC)
-    for n, p in net.named_parameters():
-        p.requires_grad_(grads.get(n, False))
-    for m in tuner_layers(net):
-        m._active_adapter, m._disable_adapters = before.get(id(m), ([CRITIC], True))
-    params = adapter_parameters(net, CRITIC)
-    for p in params.values():
-        p.requires_grad_(True)
-    return params
-
-
 def build_critic(teacher: Teacher, mode: str, rank: int, alpha: float, targets: list[str],
-                 base: nn.Module | None = None) -> tuple[nn.Module, nn.Module, dict[str, nn.Parameter]]:
+                 base: nn.Module | None = None, name: str = CRITIC) -> tuple[nn.Module, nn.Module, dict[str, nn.Parameter]]:
     """(critic denoiser, its network, its trainable parameters). mode "lora": adapter on the shared base;
     "full": a trainable copy of `base` (pass the clean teacher network before any student adapter is added)."""
     if mode == "full":
         net = full_copy(base if base is not None else teacher.net)
         return teacher.denoiser(net), net, {f"net.{n}": p for n, p in net.named_parameters()}
-    params = add_critic_adapter(teacher.net, rank, alpha, targets)
-    return WithAdapter(teacher.denoiser(teacher.net), CRITIC), teacher.net, params
+    params = add_named_adapter(teacher.net, name, rank, alpha, targets)
+    return WithAdapter(teacher.denoiser(teacher.net), name), teacher.net, params
 
 
 def feature_module(net: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.schedule import bcast
+from fewstep.diffusion.schedule import Schedule, bcast
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import concat_cond
 from fewstep.models.teacher import Teacher
@@ -56,6 +56,20 @@ def dmd_student_times(teacher: Teacher, steps: int) -> Tensor:
         idx = torch.arange(n - 1, 0, -(n // steps), dtype=torch.float64)[:steps]
         return torch.cat([idx / (n - 1), torch.zeros(1, dtype=torch.float64)])
     return teacher.teacher_times(steps)
+
+
+def noise_at(schedule: Schedule, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(alpha_t x + sigma_t n, t) with t ~ U[lo, hi] per sample and fresh noise n."""
+    t = uniform(generator, len(x), lo, hi, x.device)
+    a, s = (bcast(v, x) for v in schedule.alpha_sigma(t))
+    return a * x + s * torch.randn(x.shape, generator=generator).to(x.device), t
+
+
+def teacher_cond_uncond(real: nn.Module, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """The teacher's conditional and unconditional x0 in one batched forward."""
+    both = real(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(batch.cond, batch.neg))
+    cond, uncond = both.chunk(2)
+    return cond, uncond
 
 
 class DMD2(Recipe):
@@ -147,13 +161,10 @@ class DMD2(Recipe):
         return a * batch.x0 + s * torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
 
     def _noise(self, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        t = uniform(generator, len(x), lo, hi, x.device)
-        a, s = (bcast(v, x) for v in self.schedule.alpha_sigma(t))
-        return a * x + s * torch.randn(x.shape, generator=generator).to(x.device), t
+        return noise_at(self.schedule, x, lo, hi, generator)
 
     def _teacher_cond_uncond(self, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        both = self.real(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(batch.cond, batch.neg))
-        return both.chunk(2)
+        return teacher_cond_uncond(self.real, x_t, t, batch)
 
     def direction(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
         """The DMD gradient g (§0.6), or the sum of the decoupled CA and DM terms on separate draws (§7.1)."""
