@@ -25,6 +25,7 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 
 def _per_sample_t(t: Tensor | float, x_t: Tensor) -> Tensor:
+    """A scalar time becomes one per sample [B]."""
     t = torch.as_tensor(t, device=x_t.device)
     return t.expand(len(x_t)) if t.ndim == 0 else t
 
@@ -42,8 +43,8 @@ class GaussianDenoiser(nn.Module):
 
     def __init__(self, mu: Tensor | float, var: Tensor | float, schedule: Schedule) -> None:
         super().__init__()
-        self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float64))
-        self.register_buffer("var", torch.as_tensor(var, dtype=torch.float64))
+        self.register_buffer("mu", torch.as_tensor(mu).detach().double())
+        self.register_buffer("var", torch.as_tensor(var).detach().double())
         self.schedule = schedule
 
     def marginal(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,7 +82,7 @@ class GaussianMixtureDenoiser(nn.Module):
         super().__init__()
         k = len(means)
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
-        self.register_buffer("means", means.double())
+        self.register_buffer("means", means.detach().double())
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float64).expand(k).clone())
         self.register_buffer("log_weights", (w / w.sum()).log())
         self.schedule = schedule
