@@ -25,7 +25,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 def common(teacher: Path, out: Path) -> list[str]:
     return [f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=2", "sample.grid_size=2",
-            "train.progress=false", "student.lora.rank=2", "student.lora.alpha=2", "method.num_ddim_timesteps=10"]
+            "train.progress=false", "student.lora.rank=2", "student.lora.alpha=2", "method.num_ddim_timesteps=10",
+            "student.mode=lora"]
 
 
 def test_accelerate_launch_distill_then_sample(teacher_dir: Path, tmp_path: Path):

@@ -23,7 +23,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=dmd2", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
-            "method.critic_rank=4", "method.gan_generator_weight=0.01", "method.gan_critic_weight=0.01", *extra]
+            "method.critic_rank=4", "method.gan_generator_weight=0.01", "method.gan_critic_weight=0.01",
+            "student.mode=lora", "method.critic_mode=lora", *extra]
 
 
 def make(teacher_dir: Path, tmp_path: Path, *extra: str):
@@ -159,7 +160,8 @@ def test_dmd_one_step_with_teacher_pairs(teacher_dir: Path, tmp_path: Path, caps
     noise, target, names = load_pairs(str(tmp_path / "pairs"))
     assert noise.shape == target.shape and len(names) == 6 and not torch.equal(noise, target)
     base = ["recipe=dmd", f"teacher.pretrained={teacher_dir}", "data.batch_size=2", "train.progress=false",
-            "sample.grid_size=2", "student.lora.rank=4", "method.critic_rank=4", "train.log_every=1"]
+            "sample.grid_size=2", "student.lora.rank=4", "method.critic_rank=4", "train.log_every=1",
+            "student.mode=lora", "method.critic_mode=lora"]
     with pytest.raises(SystemExit) as info:
         main(["distill", *base, f"output_dir={tmp_path / 'bad'}"])
     assert info.value.code == 2 and "needs method.pairs_path" in capsys.readouterr().err

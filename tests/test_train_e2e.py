@@ -23,7 +23,7 @@ def teacher_dir(tmp_path_factory) -> Path:
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=lcm", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
             "sample.grid_size=4", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
-            "student.lora.alpha=8", "method.num_ddim_timesteps=10", *extra]
+            "student.lora.alpha=8", "method.num_ddim_timesteps=10", "student.mode=lora", *extra]
 
 
 def losses(out: Path) -> list[float]:

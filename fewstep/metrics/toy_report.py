@@ -63,7 +63,9 @@ def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: 
 
 
 def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None) -> list[Row]:
+    """The export at its own step count (empty `steps`) or at each given count."""
     student, spec, meta = load_export(export)
+    steps = steps or [len(spec.times) - 1]
     rows = []
     for k in steps:
         times = torch.tensor(spec.times, dtype=torch.float64) if k == len(spec.times) - 1 else student.student_times(k)
@@ -103,7 +105,8 @@ def write_section(path: Path, section: str, body: str) -> None:
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", action="append", default=[], help="label=export_dir (repeatable)")
-    p.add_argument("--student-steps", default="4", help="comma-separated step counts for students")
+    p.add_argument("--student-steps", default="", help="comma-separated step counts for students (default: each "
+                   "export's own)")
     p.add_argument("--teacher-steps", default="50,4", help="comma-separated DDIM step counts for the teacher")
     p.add_argument("--teacher-guidance", default="2,1", help="comma-separated CFG scales for the teacher")
     p.add_argument("-n", "--num-images", type=int, default=1000)

@@ -50,6 +50,7 @@ class Trainer:
         self.prompts = PromptCache(teacher)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._window: dict[str, tuple[float, int]] = {}
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
@@ -148,9 +149,17 @@ class Trainer:
 
     # -- outputs -------------------------------------------------------------------------------------------
     def _log(self, row: dict[str, float]) -> None:
-        row = {"step": self.step, **row}
-        self.history.append(row)
-        if self.acc.is_main_process and (self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps):
+        """Every iteration goes to `history`; metrics.jsonl gets, at each log step, the mean of every metric over
+        the iterations since the last log line (so a role that steps every N iterations still shows up)."""
+        self.history.append({"step": self.step, **row})
+        for k, v in row.items():
+            total, count = self._window.get(k, (0.0, 0))
+            self._window[k] = (total + v, count + 1)
+        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
+            return
+        row = {"step": self.step, **{k: total / count for k, (total, count) in self._window.items()}}
+        self._window = {}
+        if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
