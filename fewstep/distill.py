@@ -1,11 +1,9 @@
 """`fewstep distill` / `scripts/distill.py`: config -> teacher -> recipe -> trainer -> export."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.config import load_config, load_saved_config

@@ -14,15 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    from tiny_pipelines import tiny_sd
-
-    path = tmp_path_factory.mktemp("cli") / "tiny-sd"
-    tiny_sd().save_pretrained(str(path), safe_serialization=True)
-    return path
-
-
 def common(teacher: Path, out: Path) -> list[str]:
     return [f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=2", "sample.grid_size=2",
             "train.progress=false", "student.lora.rank=2", "student.lora.alpha=2", "method.num_ddim_timesteps=10",

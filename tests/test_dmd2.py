@@ -11,15 +11,6 @@ from fewstep.distill import build_run, run
 from fewstep.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    from tiny_pipelines import tiny_sd
-
-    path = tmp_path_factory.mktemp("dmd2") / "tiny-sd"
-    tiny_sd().save_pretrained(str(path), safe_serialization=True)
-    return path
-
-
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=dmd2", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",

@@ -10,15 +10,6 @@ from fewstep.config import load_config
 from fewstep.distill import build_run, run
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    from tiny_pipelines import tiny_sd
-
-    path = tmp_path_factory.mktemp("phased") / "tiny-sd"
-    tiny_sd().save_pretrained(str(path), safe_serialization=True)
-    return path
-
-
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=phased_dmd", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=2",
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",

@@ -6,9 +6,9 @@ import copy
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fewstep.models.denoiser import Cond, Denoiser
+
 
 
 def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], init_scale: float = 0.0,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.models.adapters import CRITIC, WithAdapter, add_named_adapter, live_adapter
-from fewstep.models.student import full_copy, has_lora
+from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
 
 

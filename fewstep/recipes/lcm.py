@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion.schedule import bcast
-from fewstep.models.denoiser import Denoiser, Guided
+from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
 from fewstep.recipes.losses import consistency_loss, ema_update
