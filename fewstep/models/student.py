@@ -55,7 +55,3 @@ def add_guidance_embedding(net: nn.Module, dim: int = 256) -> nn.Module:
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     nn.init.zeros_(new.time_embedding.cond_proj.weight)
     return new.to(next(net.parameters()).device)
-
-
-def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
-    return [p for p in net.parameters() if p.requires_grad]
