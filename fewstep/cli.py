@@ -1,4 +1,4 @@
-"""The `fewstep` command: distill, sample, export. User errors print one line and exit with code 2."""
+"""The `fewstep` command: distill, sample, export, bench. User errors print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="rebuild the export of a checkpoint or a run folder")
     e.add_argument("checkpoint", help="runs/x (newest checkpoint) or runs/x/checkpoints/step-0000200")
     e.add_argument("--out", default=None, help="destination (default: <checkpoint>/export)")
+    b = sub.add_parser("bench", help="latency, throughput, memory and NFE of generation (engine, optionally vs stock)")
+    b.add_argument("model", help="preset name (toy-digits), Diffusers pipeline folder, or fewstep export folder")
+    b.add_argument("--steps", default="1,4", help="comma-separated step counts, e.g. 1,4,50")
+    b.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    b.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's, or 1.0)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per case")
+    b.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs first (at least 2 with --compile, 3 with --cuda-graphs)")
+    b.add_argument("--compare-stock", action="store_true", help="also time the stock Diffusers pipeline call")
+    b.add_argument("--out", default=None, help="folder for bench.json and bench.md (refuses an existing bench.json)")
+    b.add_argument("--prompts", default=None, help="text file, one prompt per line (default: fixed prompts)")
+    b.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 is CUDA only")
+    b.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "xformers"])
+    b.add_argument("--compile", action="store_true", help="torch.compile the denoising network (CUDA only)")
+    b.add_argument("--cuda-graphs", action="store_true", help='torch.compile mode="reduce-overhead" (CUDA only)')
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -70,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         from fewstep.distill import export_from_checkpoint
 
         guarded(lambda: print(f"export written to {export_from_checkpoint(args.checkpoint, args.out)}"))
+    elif args.command == "bench":
+        from fewstep.bench import run_bench_cli
+
+        guarded(lambda: run_bench_cli(args))
 
 
 if __name__ == "__main__":
