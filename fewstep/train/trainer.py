@@ -190,7 +190,21 @@ class Trainer:
         return generate_images(self.teacher, denoiser, net, prompts, list(range(n)),
                                torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
 
+    def check_replicas_in_sync(self) -> None:
+        """Multi-process runs: every process must hold the same trainables (gradients are averaged before each
+        optimizer step). Compares a float64 checksum per role across processes; raises if they drifted apart."""
+        if self.acc.num_processes == 1:
+            return
+        sums = torch.stack([torch.stack([p.detach().double().sum() for p in self.params[r].values()]).sum()
+                            for r in self.roles]).to(self.acc.device)
+        everyone = self.acc.gather(sums[None])
+        spread = float((everyone - everyone[0]).abs().max())
+        if spread > 1e-6 * (1.0 + float(everyone[0].abs().max())):
+            raise RuntimeError(f"trainable weights differ across processes at step {self.step} (checksum spread "
+                               f"{spread:.3g}); gradients were not synchronised")
+
     def save(self) -> Path | None:
+        self.check_replicas_in_sync()
         if not self.acc.is_main_process:
             return None
         tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
