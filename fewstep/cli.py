@@ -1,4 +1,4 @@
-"""The `fewstep` command: distill, sample, export, bench. User errors print one line and exit with code 2."""
+"""The `fewstep` command: distill, sample, export, bench, eval. User errors print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,24 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the denoising network (CUDA only)")
     b.add_argument("--cuda-graphs", action="store_true", help='torch.compile mode="reduce-overhead" (CUDA only)')
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v = sub.add_parser("eval", help="quality metrics (FID, CLIP score, rewards, GenEval-style) vs NFE under protocols")
+    v.add_argument("models", nargs="+", metavar="MODEL", help="preset name, Diffusers pipeline folder or export folder")
+    v.add_argument("--protocol", nargs="+", required=True, help="protocol preset(s) in eval/protocols/ or YAML files")
+    v.add_argument("--out", required=True, help="folder for report.json/.md, plot and grids (refuses an existing one)")
+    v.add_argument("--steps", default=None, help="comma-separated step counts, e.g. 1,2,4,8,50 (default: an "
+                   "export's own, 50 for a teacher)")
+    v.add_argument("--guidance", type=float, default=None, help="CFG scale for every MODEL, 1 = off (default: each "
+                   "export's own, 1.0 for a teacher)")
+    v.add_argument("--num-images", type=int, default=None, help="images per row (default: the protocol's)")
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: the protocol's)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol key, e.g. --set fid.reference_folder=/data/val2014 (repeatable)")
+    v.add_argument("--device", default=None, help="cpu or cuda (default: the accelerate process's device)")
+    v.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 is CUDA only")
+    v.add_argument("--results", default=None, help="also write the table into this markdown file (docs/results.md)")
+    v.add_argument("--section", default=None, help="section of --results to (re)write (default: eval-<protocols>)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -92,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         from fewstep.bench import run_bench_cli
 
         guarded(lambda: run_bench_cli(args))
+    elif args.command == "eval":
+        from fewstep.eval.run import run_eval_cli
+
+        guarded(lambda: run_eval_cli(args, argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

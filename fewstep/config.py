@@ -66,6 +66,9 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0               # 0 = only at the end
     checkpoint_every: int = 0           # 0 = only at the end
+    eval_every: int = 0                 # >0: score the student with eval_protocol every N steps (and at the end)
+    eval_protocol: str = "toy-digits"   # a preset of eval/protocols/ (fewstep eval --protocol)
+    eval_num_images: int = 200
     keep_checkpoints: int = 2
     trackers: list[str] = field(default_factory=list)   # accelerate trackers, e.g. [tensorboard]
     progress: bool = True

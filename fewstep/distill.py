@@ -46,6 +46,10 @@ def run(argv: list[str]) -> Path:
     from accelerate.utils import set_seed
 
     cfg = load_config(argv)
+    if cfg.train.eval_every:
+        from fewstep.eval.protocols import load_protocol
+
+        load_protocol(cfg.train.eval_protocol, [])   # a bad name fails now, not after hours of training
     out = Path(cfg.output_dir)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=list(cfg.train.trackers) or None,
                       project_dir=str(out))

@@ -1,6 +1,7 @@
 """The spine end to end on a tiny random-init StableDiffusionPipeline: distill -> checkpoint -> resume -> export
 -> stock diffusers. Runs in-process (the CLI subprocess path is in test_cli.py)."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -137,3 +138,19 @@ def test_export_command_rebuilds_the_export_from_a_checkpoint(teacher_dir: Path,
     first = load_file(str(earlier / "pytorch_lora_weights.safetensors"))
     assert any(not torch.equal(first[k], final[k]) for k in final)
     assert json.loads((earlier / "fewstep.json").read_text())["train_steps"] == 1
+
+
+def test_eval_hook_scores_the_student_during_training(teacher_dir: Path, tmp_path: Path):
+    out = tmp_path / "r"
+    run(argv(teacher_dir, out, "train.steps=2", "train.eval_every=1", "train.eval_num_images=20"))
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    fids = [r["eval/fid[digits-cnn]"] for r in rows]
+    assert all(math.isfinite(v) and v > 0 for v in fids)
+
+
+def test_unknown_eval_protocol_fails_before_training(teacher_dir: Path, tmp_path: Path):
+    out = tmp_path / "r"
+    with pytest.raises(FewstepError, match="nope"):
+        run(argv(teacher_dir, out, "train.steps=2", "train.eval_every=1", "train.eval_protocol=nope"))
+    assert not out.exists()

@@ -106,11 +106,15 @@ class Trainer:
             self._log(row)
             if t.sample_every and self.step % t.sample_every == 0:
                 self.sample_grid()
+            if t.eval_every and self.step % t.eval_every == 0:
+                self.evaluate()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                 self.save()
         bar.close()
         self.save()
         self.sample_grid()
+        if t.eval_every and self.step % t.eval_every:
+            self.evaluate()
         return self.history
 
     def train_iteration(self) -> dict[str, float]:
@@ -166,6 +170,24 @@ class Trainer:
             self.acc.log(row, step=self.step)
             if not self.cfg.train.progress:
                 self.acc.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def evaluate(self) -> dict[str, float]:
+        """Score the current student with `train.eval_protocol` (fewstep eval's code, no files but the log): every
+        process generates its shard; the main process appends `{"step", "eval/<metric>"...}` to eval.jsonl."""
+        from fewstep.eval.run import evaluate_during_training
+
+        t = self.cfg.train
+        acc = self.acc if self.acc.num_processes > 1 else None
+        scores = evaluate_during_training(self.teacher, self.recipe.export_net(), self.recipe.inference(),
+                                          t.eval_protocol, t.eval_num_images, accelerator=acc)
+        row = {"step": self.step, **{f"eval/{k}": v for k, v in scores.items()}}
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.acc.log(row, step=self.step)
+            self.acc.print(" ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+        return scores
 
     def sample_grid(self) -> Path | None:
         if not self.acc.is_main_process:
