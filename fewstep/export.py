@@ -3,7 +3,8 @@
 LoRA students are written with the pipeline's own `save_lora_weights` (with the adapter's alpha metadata, so
 `load_lora_weights` restores the exact scale); full students as a complete `save_pretrained` pipeline whose
 scheduler is already the student's. `fewstep.json` records how to run it in a stock pipeline: the scheduler class
-and config, the integer timesteps (or sigmas), the guidance scale and the LoRA settings.
+and config, the integer timesteps (or sigmas), the guidance scale and the LoRA settings. Phased students add one
+folder per expert, listed under `experts` with its kind ("lora", the default, or "full").
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from fewstep.errors import FewstepError
+from fewstep.models.adapters import expert_network
 from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
@@ -27,7 +29,8 @@ SIDECAR = "fewstep.json"
 def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_dir: Path, recipe: str,
                    teacher_name: str, extra: dict[str, Any] | None = None) -> Path:
     """Write the export atomically (a temporary folder renamed into place; an older export is replaced only
-    after the new one is complete)."""
+    after the new one is complete). Phased students write one folder per expert (algorithms.md §4.1): a LoRA
+    file, or a full network next to one shared pipeline holding everything else."""
     from fewstep.models.lora import save_lora
 
     out_dir = Path(out_dir)
@@ -39,9 +42,9 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     size = teacher.size
     sched_name, sched_config = fam.student_scheduler(pipe)
     lora = lora_config_dict(net) if has_lora(net) else None
+    kinds: list[str] = []
     if spec.experts:
-        for name, _ in spec.experts:
-            save_named_adapter(teacher, net, name, tmp / name)
+        kinds = save_experts(teacher, net, [name for name, _ in spec.experts], sched_name, sched_config, tmp)
     elif lora is not None:
         save_lora(fam, net, tmp)
     else:
@@ -50,7 +53,8 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
             "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
             "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
-            "experts": [{"adapter": name, "until": bound} for name, bound in spec.experts],
+            "experts": [{"adapter": name, "until": bound, "kind": kind}
+                        for (name, bound), kind in zip(spec.experts, kinds)],
             "resolution": size, "lora": None if lora is None else {
                 "rank": lora["r"], "alpha": lora["lora_alpha"], "targets": sorted(lora["target_modules"])},
             **(extra or {})}
@@ -63,6 +67,24 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     else:
         os.replace(tmp, out_dir)
     return out_dir
+
+
+def save_experts(teacher: Teacher, net: nn.Module, names: list[str], sched_name: str, sched_config: dict,
+                 out: Path) -> list[str]:
+    """Each phase expert under `out/<name>/` and its kind: "lora" (a stock LoRA file for the teacher) or "full" (the
+    network's own `save_pretrained` folder; the pipeline's other parts and the student scheduler are then written
+    once at `out`, with an empty network slot)."""
+    kinds = []
+    for name in names:
+        expert = expert_network(net, name)
+        if expert is None:
+            save_named_adapter(teacher, net, name, out / name)
+        else:
+            expert.save_pretrained(str(out / name), safe_serialization=True)
+        kinds.append("lora" if expert is None else "full")
+    if "full" in kinds:
+        save_full_pipeline(teacher, None, sched_name, sched_config, out)
+    return kinds
 
 
 def save_named_adapter(teacher: Teacher, net: nn.Module, name: str, out: Path) -> None:
@@ -78,7 +100,9 @@ def save_named_adapter(teacher: Teacher, net: nn.Module, name: str, out: Path) -
                                                      f"{fam.lora_prefix}_lora_adapter_metadata": net.peft_config[name].to_dict()})
 
 
-def save_full_pipeline(teacher: Teacher, net: nn.Module, sched_name: str, sched_config: dict, out: Path) -> None:
+def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str, sched_config: dict, out: Path) -> None:
+    """The teacher pipeline with `net` as its network (None: left empty, for full phase experts) and the student's
+    scheduler, as a `save_pretrained` folder."""
     import diffusers
 
     components = dict(teacher.pipe.components)
@@ -107,10 +131,7 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher
     if meta is None:
         raise FewstepError(f"{path} has no {SIDECAR}; pass an export folder written by fewstep")
     if meta.get("experts"):
-        teacher = load_teacher(meta["teacher"], device=device)
-        for e in meta["experts"]:
-            teacher.pipe.load_lora_weights(str(Path(path) / e["adapter"]), adapter_name=e["adapter"])
-        teacher.experts = [(e["adapter"], float(e["until"])) for e in meta["experts"]]
+        teacher = load_phased(Path(path), meta, device)
     elif meta.get("lora"):
         from fewstep.models.lora import load_lora
 
@@ -119,5 +140,39 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher
     else:
         teacher = load_teacher(str(path), device=device)
     spec = InferenceSpec(times=meta["times"], step=meta["step"], guidance_scale=meta["guidance_scale"],
-                         experts=list(teacher.experts))
+                         experts=[(e["adapter"], float(e["until"])) for e in meta.get("experts") or []])
     return teacher, spec, meta
+
+
+def load_phased(path: Path, meta: dict[str, Any], device: str | torch.device) -> Teacher:
+    """A phased export whose denoiser switches experts by time by itself (algorithms.md §4.1): LoRA experts load
+    as named adapters into the original teacher; full experts are networks of their own, loaded into the export's
+    shared pipeline (the first one fills its empty network slot)."""
+    experts = meta["experts"]
+    kinds = {e.get("kind", "lora") for e in experts}
+    if kinds not in ({"lora"}, {"full"}):
+        raise FewstepError(f"{path / SIDECAR} has expert kinds {sorted(kinds)}; expected all 'lora' or all 'full' "
+                           "(re-export with `fewstep export <checkpoint>`)")
+    if kinds == {"lora"}:
+        teacher = load_teacher(meta["teacher"], device=device)
+        for e in experts:
+            teacher.pipe.load_lora_weights(str(path / e["adapter"]), adapter_name=e["adapter"])
+        keys: list[Any] = [e["adapter"] for e in experts]
+    else:
+        from fewstep.models.families import FAMILIES
+
+        keys = [load_network(path / e["adapter"], device) for e in experts]
+        teacher = load_teacher(str(path), device=device, **{FAMILIES[meta["family"]].net_attr: keys[0]})
+    teacher.experts = [(key, float(e["until"])) for key, e in zip(keys, experts)]
+    return teacher
+
+
+def load_network(folder: Path, device: str | torch.device) -> nn.Module:
+    """A network folder written by `save_pretrained` (its class is named in config.json), frozen, on `device`."""
+    import diffusers
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FewstepError(f"{folder} holds no network (no config.json); re-export with `fewstep export <checkpoint>`")
+    cls = getattr(diffusers, json.loads(config.read_text())["_class_name"])
+    return cls.from_pretrained(str(folder)).to(device).requires_grad_(False).eval()

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.data.datasets import read_prompts
@@ -35,6 +36,11 @@ def resolve_model(model: str, steps: int | None, guidance: float | None, device:
     spec = InferenceSpec(times=[float(t) for t in teacher.teacher_times(n)], step="ddim",
                          guidance_scale=1.0 if guidance is None else guidance)
     return teacher, spec, model
+
+
+def networks(teacher: Teacher) -> list[nn.Module]:
+    """Every network sampling runs: the pipeline's own, then full phase experts held apart from it (§4.1)."""
+    return [teacher.net, *(key for key, _ in teacher.experts if isinstance(key, nn.Module) and key is not teacher.net)]
 
 
 def choose_prompts(path: str | None, n: int, teacher_name: str) -> list[str]:
@@ -75,9 +81,11 @@ def run_sample(args: Any) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher, spec, name = resolve_model(args.model, args.steps, args.guidance, device)
     teacher.autocast_dtype = precision_dtype(args.precision, device)
+    nets = networks(teacher)
     if args.compile:
-        teacher.net.compile()
-    ctx = set_attention_backend(teacher.net, args.attention)
+        for net in nets:
+            net.compile()
+    ctx = [set_attention_backend(net, args.attention) for net in nets][0]
     prompts = choose_prompts(args.prompts, args.num_images, name)
     seeds = [args.seed + i for i in range(args.num_images)]
     times = torch.tensor(spec.times, dtype=torch.float64)

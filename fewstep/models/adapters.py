@@ -4,6 +4,9 @@
 peft's public switches (`set_adapter`, `enable_adapters`) also rewrite `requires_grad` on every adapter, which
 would silently freeze one role's parameters while another role is called; two-time-scale training owns disjoint
 adapters of one base with separate optimizers, so the switch here flips only the layers' live-adapter state.
+
+Phased students switch experts by time (`ExpertSwitch`); an expert is a LoRA adapter on the shared network or a
+network of its own (full-copy experts), so samplers never care which.
 """
 from __future__ import annotations
 
@@ -55,24 +58,46 @@ class WithAdapter(nn.Module):
             return self.denoiser(x_t, t, cond)
 
 
-class ExpertSwitch(nn.Module):
-    """Phased students: the adapter of the phase that owns time t, experts = [(adapter, bound)] from high noise to
-    low; a step at time t uses the first expert whose bound lies below t (the last bound is 0)."""
+def expert_network(net: nn.Module, name: str) -> nn.Module | None:
+    """The network of expert `name` when `net` holds one network per phase (an nn.ModuleDict keyed by expert
+    name, full-copy Phased DMD students, algorithms.md §4.1), else None: the expert is a LoRA adapter on `net`."""
+    return net[name] if isinstance(net, nn.ModuleDict) and name in net else None
 
-    def __init__(self, denoiser: nn.Module, experts: list[tuple[str, float]]) -> None:
+
+def rebind(denoiser: nn.Module, net: nn.Module) -> nn.Module:
+    """The same denoiser convention (schedule, prediction, call glue, autocast) around another network."""
+    from fewstep.models.denoiser import Denoiser
+
+    return Denoiser(net, denoiser.schedule, denoiser.prediction, call=denoiser.call,
+                    autocast_dtype=denoiser.autocast_dtype)
+
+
+def expert_denoiser(denoiser: nn.Module, key: str | nn.Module) -> nn.Module:
+    """One phase expert as a denoiser: its own network (given, or found by name in `denoiser.net`) run with the
+    denoiser's convention, or a LoRA adapter `key` live on the shared network."""
+    net = key if isinstance(key, nn.Module) else expert_network(denoiser.net, key)
+    return WithAdapter(denoiser, key) if net is None else rebind(denoiser, net)
+
+
+class ExpertSwitch(nn.Module):
+    """Phased students (algorithms.md §4.1): the expert of the phase that owns time t. experts = [(expert, bound)]
+    from high noise to low, an expert being a LoRA adapter name on `denoiser.net` or a separate network (see
+    `expert_denoiser`); a step at time t uses the first expert whose bound lies below t (the last bound is 0)."""
+
+    def __init__(self, denoiser: nn.Module, experts: list[tuple[str | nn.Module, float]]) -> None:
         super().__init__()
         self.denoiser, self.experts = denoiser, list(experts)
+        self.calls = nn.ModuleList([expert_denoiser(denoiser, key) for key, _ in self.experts])
 
     @property
     def net(self) -> nn.Module:
         return self.denoiser.net
 
-    def expert_for(self, t: float) -> str:
-        return next((name for name, bound in self.experts if t > bound + 1e-9), self.experts[-1][0])
+    def expert_index(self, t: float) -> int:
+        return next((i for i, (_, bound) in enumerate(self.experts) if t > bound + 1e-9), len(self.experts) - 1)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        with live_adapter(self.denoiser.net, self.expert_for(float(t.reshape(-1)[0]))):
-            return self.denoiser(x_t, t, cond)
+        return self.calls[self.expert_index(float(t.reshape(-1)[0]))](x_t, t, cond)
 
 
 def adapter_parameters(net: nn.Module, name: str) -> dict[str, nn.Parameter]:

@@ -47,12 +47,14 @@ def resolve_pretrained(spec: str) -> str:
     return spec
 
 
-def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Any:
+def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device = "cpu", **components: Any) -> Any:
+    """`components` replace (or fill empty slots of) the saved ones, as in `DiffusionPipeline.from_pretrained`."""
     from diffusers import DiffusionPipeline
 
     source = resolve_pretrained(spec)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], local_files_only=hub_offline())
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], local_files_only=hub_offline(),
+                                                 **components)
     except OSError as exc:
         raise FewstepError(f"cannot load pipeline {spec!r}: {str(exc).splitlines()[0]}") from exc
     pipe.set_progress_bar_config(disable=True)
@@ -67,7 +69,7 @@ class Teacher:
     family: Family
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
-    experts: list = field(default_factory=list)  # phased students: [(adapter, bound)], switched by time
+    experts: list = field(default_factory=list)  # phased students: [(adapter name or network, bound)], by time
 
     @property
     def net(self) -> nn.Module:
@@ -121,8 +123,8 @@ class Teacher:
         return torch.cat([sched.timesteps.double() / n, torch.zeros(1, dtype=torch.float64)])
 
 
-def load_teacher(spec: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Teacher:
-    pipe = load_pipeline(spec, dtype, device)
+def load_teacher(spec: str, dtype: str = "float32", device: str | torch.device = "cpu", **components: Any) -> Teacher:
+    pipe = load_pipeline(spec, dtype, device, **components)
     teacher = Teacher(pipe=pipe, family=family_for(pipe), name=spec)
     for module in pipe.components.values():
         if isinstance(module, nn.Module):

@@ -86,29 +86,62 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
                 critic_params=critic[2], config=method, inference=spec, student_denoiser=student_den)
 
 
+def check_choice(key: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise FewstepError(f"bad value {key}={value!r}; choose one of {choices}")
+
+
 def build_phased_dmd(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
-    """One LoRA expert ("phase<k>") and one LoRA critic ("critic<k>") per phase, all on the frozen base."""
+    """One expert ("phase<k>") and one critic per phase (algorithms.md §4.1): LoRA adapters on the frozen base, or
+    full trainable copies (student.mode=full, method.critic_mode=full). Copies are taken from the clean base before
+    any adapter is added to it."""
+    check_choice("method.schedule", method.schedule, ["progressive", "alternate"])
+    check_choice("method.critic_mode", method.critic_mode, ["lora", "full"])
+    check_phases(list(method.phase_steps), cfg.sample.steps)
+    names = [f"phase{k}" for k in range(len(method.phase_steps))]
+    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    teacher.net.requires_grad_(False)
+    critics = phase_critics(teacher, method, targets, len(names)) if method.critic_mode == "full" else None
+    net, expert_params = phase_experts(cfg, teacher, names, targets)
+    critics = critics or phase_critics(teacher, method, targets, len(names))
+    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
+    bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(names))]
+    spec.experts = [(name, b) for name, b in zip(names, bounds)]
+    return PhasedDMD(teacher=teacher, net=net, experts=names, expert_params=expert_params, critics=critics[0],
+                     critic_params=critics[1], real=WithAdapter(teacher.denoiser(teacher.net), None), config=method,
+                     inference=spec, total_steps=cfg.train.steps)
+
+
+def phase_experts(cfg: DictConfig, teacher: Teacher, names: list[str],
+                  targets: list[str]) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """(network holding the experts, their trainable parameters): one LoRA adapter per name on the frozen base
+    (student.mode=lora), or an nn.ModuleDict of full trainable copies of the teacher network keyed by name."""
     from fewstep.models.adapters import add_named_adapter
+
+    if cfg.student.mode == "full":
+        net: torch.nn.Module = torch.nn.ModuleDict({name: full_copy(teacher.net) for name in names})
+        params = dict(net.named_parameters())
+        nets = list(net.values())
+    else:
+        lora, net, params, nets = cfg.student.lora, teacher.net, {}, [teacher.net]
+        for name in names:
+            params.update(add_named_adapter(net, name, lora.rank, lora.alpha, targets))
+    if cfg.student.gradient_checkpointing:
+        for m in nets:
+            m.enable_gradient_checkpointing()
+    return net, params
+
+
+def phase_critics(teacher: Teacher, method: Any, targets: list[str],
+                  n: int) -> tuple[list[torch.nn.Module], dict[str, torch.nn.Parameter]]:
+    """(critic denoiser per phase, all their trainable parameters): LoRA adapters "critic<k>" on the frozen base,
+    or full copies (method.critic_mode=full) whose parameter names get a "critic<k>." prefix."""
     from fewstep.recipes.critic import build_critic
 
-    if cfg.student.mode != "lora":
-        raise FewstepError("phased_dmd trains one LoRA expert per phase: set student.mode=lora")
-    if method.schedule not in ("progressive", "alternate"):
-        raise FewstepError(f"bad value method.schedule={method.schedule!r}; choose one of ['progressive', 'alternate']")
-    check_phases(list(method.phase_steps), cfg.sample.steps)
-    lora, targets = cfg.student.lora, list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
-    net, experts, expert_params, critics, critic_params = teacher.net, [], {}, [], {}
-    net.requires_grad_(False)
-    for k in range(len(method.phase_steps)):
-        experts.append(f"phase{k}")
-        expert_params.update(add_named_adapter(net, experts[-1], lora.rank, lora.alpha, targets))
-    for k in range(len(method.phase_steps)):
-        den, _, params = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets, name=f"critic{k}")
+    critics, params = [], {}
+    for k in range(n):
+        name = f"critic{k}"
+        den, _, p = build_critic(teacher, method.critic_mode, method.critic_rank, method.critic_alpha, targets, name=name)
         critics.append(den)
-        critic_params.update(params)
-    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
-    bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(experts))]
-    spec.experts = [(name, b) for name, b in zip(experts, bounds)]
-    return PhasedDMD(teacher=teacher, net=net, experts=experts, expert_params=expert_params, critics=critics,
-                     critic_params=critic_params, real=WithAdapter(teacher.denoiser(net), None), config=method,
-                     inference=spec, total_steps=cfg.train.steps)
+        params.update(p if method.critic_mode == "lora" else {f"{name}.{key}": v for key, v in p.items()})
+    return critics, params

@@ -1,7 +1,8 @@
 """Phased DMD (Fan et al. 2025; algorithms.md §4): the student's steps are split into K phases over the noise
-range, each served by its own LoRA expert; phase k matches the distribution of its *noisy* output at the phase
-boundary s_k, so its critic learns with the subinterval score-matching target of §4.2. The last phase (s = 0) is
-plain DMD. Phases train progressively (phase 0 first) or alternately."""
+range, each served by its own expert (a LoRA adapter on the frozen base, or a full trainable copy of the teacher
+network, §4.1); phase k matches the distribution of its *noisy* output at the phase boundary s_k, so its critic
+learns with the subinterval score-matching target of §4.2. The last phase (s = 0) is plain DMD. Phases train
+progressively (phase 0 first) or alternately."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from fewstep.diffusion.schedule import bcast
 from fewstep.errors import FewstepError
-from fewstep.models.adapters import live_adapter
+from fewstep.models.adapters import expert_denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
@@ -30,6 +31,7 @@ class PhasedDMDConfig:
     dm_t_max: float = 0.98
     critic_t_min: float = 0.001
     critic_t_max: float = 1.0
+    critic_mode: str = "lora"                # lora (adapter per phase on the frozen base) | full (copy per phase)
     critic_rank: int = 16
     critic_alpha: float = 16.0
     critic_lr: float = 0.0
@@ -48,6 +50,9 @@ def phase_bounds(phase_steps: list[int], times: list[float]) -> list[tuple[int, 
 
 
 class PhasedDMD(Recipe):
+    """`net` holds the experts named in `experts` (high noise first): the shared frozen base carrying one LoRA
+    adapter per expert, or an nn.ModuleDict of full networks keyed by expert name; it is what the export writes."""
+
     Config: ClassVar[type] = PhasedDMDConfig
     name: ClassVar[str] = "phased_dmd"
 
@@ -56,6 +61,7 @@ class PhasedDMD(Recipe):
                  config: PhasedDMDConfig, inference: InferenceSpec, total_steps: int) -> None:
         self.cfg, self.teacher, self.spec, self.net = config, teacher, inference, net
         self.schedule, self.experts, self.critics, self.real = teacher.schedule, experts, critics, real
+        self.students = [expert_denoiser(teacher.denoiser(net), name) for name in experts]
         self._params = {"student": expert_params, "critic": critic_params}
         self.times = torch.tensor(inference.times, dtype=torch.float64)
         self.bounds = phase_bounds(config.phase_steps, inference.times)
@@ -63,7 +69,7 @@ class PhasedDMD(Recipe):
         self.expert_of_step = [k for k, (a, b, _) in enumerate(self.bounds) for _ in range(a, b)]
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.net, "critic": self.net}
+        return {"student": self.net, "critic": nn.ModuleList(self.critics)}
 
     def parameters(self, role: str) -> dict[str, nn.Parameter]:
         return self._params[role]
@@ -85,8 +91,7 @@ class PhasedDMD(Recipe):
 
     def expert(self, i: int, x: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Student step i: expert of its phase, x0 estimate at times[i]."""
-        with live_adapter(self.net, self.experts[self.expert_of_step[i]]):
-            return self.teacher.denoiser(self.net)(x, self.times[i].to(x.device).expand(len(x)), cond)
+        return self.students[self.expert_of_step[i]](x, self.times[i].to(x.device).expand(len(x)), cond)
 
     def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
         k = self.phase(step)
