@@ -695,4 +695,11 @@ def run_bench_cli(args: Any) -> list[BenchRow]:
     if out is not None:
         write_results(rows, out)
         print(f"wrote {out / RESULTS_JSON} and {out / RESULTS_MD}")
+    if getattr(args, "results", None):
+        from fewstep.metrics.toy_report import write_section
+
+        command = "fewstep bench " + " ".join(getattr(args, "argv", None) or [])
+        body = f"Written by `{command.strip()}`.\n\n{describe_env(rows)}\n\n{markdown_table(rows)}"
+        write_section(Path(args.results), args.section or "bench", body)
+        print(f"wrote section {args.section or 'bench'} of {args.results}")
     return rows

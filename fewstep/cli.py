@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the denoising network (CUDA only)")
     b.add_argument("--cuda-graphs", action="store_true", help='torch.compile mode="reduce-overhead" (CUDA only)')
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--results", default=None, help="also write the table into this markdown file (docs/results.md)")
+    b.add_argument("--section", default=None, help="section of --results to (re)write (default: bench)")
     v = sub.add_parser("eval", help="quality metrics (FID, CLIP score, rewards, GenEval-style) vs NFE under protocols")
     v.add_argument("models", nargs="+", metavar="MODEL", help="preset name, Diffusers pipeline folder or export folder")
     v.add_argument("--protocol", nargs="+", required=True, help="protocol preset(s) in eval/protocols/ or YAML files")
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from fewstep.bench import run_bench_cli
 
+        args.argv = argv if argv is not None else sys.argv[1:]
         guarded(lambda: run_bench_cli(args))
     elif args.command == "eval":
         from fewstep.eval.run import run_eval_cli

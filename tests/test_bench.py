@@ -38,7 +38,8 @@ def test_cli_writes_coherent_json_and_markdown_with_stock_ratio(teacher_dir: Pat
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "bench"
     main(["bench", str(teacher_dir), "--steps", "1,2", "--batch-sizes", "1,2", "--guidance", "2", "--repeats", "2",
-          "--compare-stock", "--prompts", str(prompts), "--out", str(out), "--no-progress"])
+          "--compare-stock", "--prompts", str(prompts), "--out", str(out), "--no-progress",
+          "--results", str(tmp_path / "results.md"), "--section", "bench-tiny"])
     printed = capsys.readouterr().out
     data = json.loads((out / "bench.json").read_text())
     assert data["env"]["device"] == "cpu" and "diffusers" in data["env"]
@@ -58,6 +59,9 @@ def test_cli_writes_coherent_json_and_markdown_with_stock_ratio(teacher_dir: Pat
     md = (out / "bench.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| tiny-sd")]
     assert len(table) == 4 and all(line in printed for line in table)
+    section = (tmp_path / "results.md").read_text()
+    assert "<!-- BEGIN bench-tiny -->" in section and "Written by `fewstep bench " in section
+    assert all(line in section for line in table)
     for line, r in zip(table, rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1:4] == [str(r["steps"]), str(r["batch"]), str(2 * r["steps"])]
