@@ -73,10 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("models", nargs="+", metavar="MODEL", help="preset name, Diffusers pipeline folder or export folder")
     v.add_argument("--protocol", nargs="+", required=True, help="protocol preset(s) in eval/protocols/ or YAML files")
     v.add_argument("--out", required=True, help="folder for report.json/.md, plot and grids (refuses an existing one)")
-    v.add_argument("--steps", default=None, help="comma-separated step counts, e.g. 1,2,4,8,50 (default: an "
-                   "export's own, 50 for a teacher)")
-    v.add_argument("--guidance", type=float, default=None, help="CFG scale for every MODEL, 1 = off (default: each "
-                   "export's own, 1.0 for a teacher)")
+    v.add_argument("--steps", default=None, help="teachers' comma-separated step counts, e.g. 1,2,4,8,50 "
+                   "(default: 50)")
+    v.add_argument("--guidance", type=float, default=None, help="teachers' CFG scale, 1 = off (default: 1.0)")
+    v.add_argument("--student-steps", default=None, help="exports' comma-separated step counts (default: each "
+                   "export's own)")
+    v.add_argument("--student-guidance", type=float, default=None, help="exports' CFG scale (default: each "
+                   "export's own)")
     v.add_argument("--num-images", type=int, default=None, help="images per row (default: the protocol's)")
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: the protocol's)")

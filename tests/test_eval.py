@@ -194,3 +194,15 @@ def test_trainer_hook_scores_a_network_without_writing(stats_dir):
                                           overrides=["fid.teacher_steps=2", "fid.kid=false"])
     assert abs(vs_teacher["fid_vs_teacher[digits-cnn]"]) < 1e-4   # the network is the teacher itself (N < dim: sqrtm eps)
     assert not stats_dir.exists()   # no file output
+
+
+def test_teacher_and_student_options_are_separate(tmp_path):
+    from fewstep.eval.run import EvalOptions, model_settings
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "fewstep.json").write_text('{"recipe": "lcm"}')
+    opts = EvalOptions(steps=[1, 2, 4, 8, 50], guidance=2.0, student_steps=None, student_guidance=None)
+    assert model_settings("toy-digits", opts) == ([1, 2, 4, 8, 50], 2.0)
+    assert model_settings(str(export), opts) == (None, None)      # the export's own steps and guidance
+    assert model_settings(str(export), EvalOptions(student_steps=[2], student_guidance=1.5)) == ([2], 1.5)

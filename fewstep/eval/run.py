@@ -35,8 +35,10 @@ from fewstep.sampling.generate import generate_latents, guided
 class EvalOptions:
     """Everything but the models and protocols."""
 
-    steps: list[int] | None = None      # step counts; None: an export's own, 50 for a teacher
-    guidance: float | None = None       # CFG scale; None: the export's, 1.0 for a teacher
+    steps: list[int] | None = None      # teachers' step counts; None: 50
+    guidance: float | None = None       # teachers' CFG scale; None: 1.0
+    student_steps: list[int] | None = None     # exports' step counts; None: each export's own
+    student_guidance: float | None = None      # exports' CFG scale; None: each export's own
     num_images: int | None = None       # None: the protocol's
     batch_size: int = 32
     seed: int | None = None             # None: the protocol's; image i uses seed + i
@@ -106,6 +108,15 @@ def load_targets(model: str, steps: list[int] | None, guidance: float | None, de
         times = teacher.teacher_times(k) if meta is None else spec.times if k == own else teacher.student_times(k)
         out.append(Target(model, display, kind, name, teacher, replace(spec, times=[float(t) for t in times]), k))
     return out
+
+
+def model_settings(model: str, opts: EvalOptions) -> tuple[list[int] | None, float | None]:
+    """(steps, guidance) for MODEL: the student options for an export folder, the teacher options otherwise, so
+    one call can compare a teacher at 1..50 guided steps with students at their own settings."""
+    from fewstep.export import read_sidecar
+
+    is_export = Path(model).is_dir() and read_sidecar(Path(model)) is not None
+    return (opts.student_steps, opts.student_guidance) if is_export else (opts.steps, opts.guidance)
 
 
 def nfe(teacher: Teacher, net: nn.Module, steps: int, guidance: float) -> int:
@@ -230,7 +241,7 @@ def run_eval(models: list[str], protocols: list[str], options: EvalOptions | Non
         raise FewstepError("--batch-size and --num-images must be >= 1")
     protos = [load_protocol(p, opts.overrides) for p in protocols]   # fails fast on missing files
     acc, device = make_accelerator(opts.device)
-    targets = [t for m in models for t in load_targets(m, opts.steps, opts.guidance, device, opts.precision)]
+    targets = [t for m in models for t in load_targets(m, *model_settings(m, opts), device, opts.precision)]
     rows = []
     for proto in protos:
         shared = scoring.shared_scorers(proto, device, out, acc)
@@ -252,7 +263,9 @@ def run_eval_cli(args: Any, argv: Sequence[str]) -> list[EvalRow]:
     out = Path(args.out)
     check_out(out)
     steps = parse_int_list(args.steps, "--steps") if args.steps else None
-    opts = EvalOptions(steps=steps, guidance=args.guidance, num_images=args.num_images, batch_size=args.batch_size,
+    student_steps = parse_int_list(args.student_steps, "--student-steps") if args.student_steps else None
+    opts = EvalOptions(steps=steps, guidance=args.guidance, student_steps=student_steps,
+                       student_guidance=args.student_guidance, num_images=args.num_images, batch_size=args.batch_size,
                        seed=args.seed, device=args.device, precision=args.precision, overrides=list(args.set or []),
                        progress=not args.no_progress)
     rows = run_eval(args.models, args.protocol, opts, out)

@@ -70,6 +70,9 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
 
     if method.critic_mode not in ("lora", "full"):
         raise FewstepError(f"bad value method.critic_mode={method.critic_mode!r}; choose one of ['lora', 'full']")
+    spaces = ["teacher", "x0", "eps", "v", "flow"]
+    if method.critic_weighting not in spaces:
+        raise FewstepError(f"bad value method.critic_weighting={method.critic_weighting!r}; choose one of {spaces}")
     targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
     critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
     student, _ = build_student(cfg, teacher)

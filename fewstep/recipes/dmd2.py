@@ -37,6 +37,8 @@ class DMD2Config:
     critic_rank: int = 16
     critic_alpha: float = 16.0
     critic_lr: float = 0.0                   # 0 = train.lr
+    critic_weighting: str = "teacher"        # denoising loss space: teacher (its own prediction type, as DMD2) | x0 |
+                                             # eps | v | flow; x0 weighs high noise, where global structure forms
     decoupled: bool = False                  # §7.1: CFG-augmentation and DM terms on separate draws and weights
     ca_weight: float = 1.0
     ca_t_min: float = 0.02
@@ -215,7 +217,8 @@ class DMD2(Recipe):
         """Fake-score denoising on sg(student samples), in the teacher's own parameterisation (eps-MSE for SD,
         as DMD2; flow-matching for flow teachers), plus the GAN discriminator loss."""
         x_t, t = self._noise(x, self.cfg.critic_t_min, self.cfg.critic_t_max, generator)
-        weight = L.denoising_weight(t, self.schedule, self.teacher.prediction)
+        space = self.teacher.prediction if self.cfg.critic_weighting == "teacher" else self.cfg.critic_weighting
+        weight = L.denoising_weight(t, self.schedule, space)
         loss = L.critic_denoising_loss(self.critic(x_t, t, batch.cond), x, weight)
         if self.head is not None and self.cfg.gan_critic_weight > 0:
             if batch.x0.numel() == 0:
