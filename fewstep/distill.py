@@ -53,6 +53,9 @@ def run(argv: list[str]) -> Path:
     out = Path(cfg.output_dir)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=list(cfg.train.trackers) or None,
                       project_dir=str(out))
+    if acc.num_processes > 1:
+        print(f"process {acc.process_index} of {acc.num_processes} ({acc.distributed_type.value}, {acc.device})",
+              flush=True)
     set_seed(cfg.train.seed)
     resume = prepare_output(cfg) if acc.is_main_process else ckpt.resolve_resume(cfg.resume, out)
     if cfg.train.trackers:
