@@ -139,7 +139,7 @@ def split_digits(seed: int, heldout_fraction: float) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """Run torch ops on one intra-op thread (the model is tiny; threads only add overhead), then restore."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -183,7 +183,7 @@ def train_digits_classifier(
     kept, held = split_digits(seed, heldout_fraction)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    with _single_thread():
+    with single_thread():
         model.train()
         for _ in range(steps):
             batch = kept[torch.randint(0, len(kept), (batch_size,), generator=gen)]
@@ -231,7 +231,7 @@ def digits_features(model: DigitsNet, images: ArrayLike, batch_size: int = 1024)
     """Return (features (N, 32), logits (N, 10)) of ``images`` (anything ``to_digits_input`` accepts)."""
     x = to_digits_input(images)
     feats, logits = [], []
-    with _single_thread():
+    with single_thread():
         for chunk in x.split(batch_size):
             f = model.features(chunk)
             feats.append(f)

@@ -17,14 +17,13 @@ values as ``clip_score[micro-clip-digits]``; they are not comparable with any re
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from fewstep.errors import FewstepError
 from fewstep.metrics.clip_score import ClipScorer, load_open_clip, preprocess_images
+from fewstep.metrics.digits import single_thread
 
 MODEL_NAME = "micro-clip-digits"
 METRIC_NAME = "clip_score[micro-clip-digits]"
@@ -121,17 +121,6 @@ def digit_images(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
     return (x + 1.0) / 2.0, y
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread (deterministic and fast for this size), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _augment(x: Tensor, gen: torch.Generator, max_shift: int, noise: float) -> Tensor:
     """Shift (N, C, H, W) images by up to ``max_shift`` pixels (zero fill), add Gaussian noise, clamp to [0, 1]."""
     n, _, h, w = x.shape
@@ -213,7 +202,7 @@ def train_micro_clip(
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    with _single_thread():
+    with single_thread():
         model.train()
         for _ in range(steps):
             idx = _group_batch(pools, groups, gen)  # (G, 10)
@@ -300,7 +289,7 @@ def evaluate_micro_clip(scorer: ClipScorer, indices: Tensor | None = None, seed:
         x, y = x[indices], y[indices]
     prompts = [digit_prompts()[int(c)] for c in y]
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-    with _single_thread():
+    with single_thread():
         matched = scorer.mean_score(x, prompts)
         shuffled = scorer.mean_score(x, [prompts[int(i)] for i in perm])
         sims = scorer.encode_images(x) @ scorer.encode_prompts(digit_prompts()).T
