@@ -29,6 +29,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -698,7 +699,7 @@ def run_bench_cli(args: Any) -> list[BenchRow]:
     if getattr(args, "results", None):
         from fewstep.metrics.toy_report import write_section
 
-        command = "fewstep bench " + " ".join(getattr(args, "argv", None) or [])
+        command = "fewstep " + shlex.join(getattr(args, "argv", None) or ["bench", args.model])
         body = f"Written by `{command.strip()}`.\n\n{describe_env(rows)}\n\n{markdown_table(rows)}"
         write_section(Path(args.results), args.section or "bench", body)
         print(f"wrote section {args.section or 'bench'} of {args.results}")

@@ -61,6 +61,7 @@ def test_cli_writes_coherent_json_and_markdown_with_stock_ratio(teacher_dir: Pat
     assert len(table) == 4 and all(line in printed for line in table)
     section = (tmp_path / "results.md").read_text()
     assert "<!-- BEGIN bench-tiny -->" in section and "Written by `fewstep bench " in section
+    assert "fewstep bench bench" not in section
     assert all(line in section for line in table)
     for line, r in zip(table, rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
