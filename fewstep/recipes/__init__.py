@@ -68,11 +68,8 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
     from fewstep.models.adapters import STUDENT, adapter_parameters
     from fewstep.recipes.critic import build_critic
 
-    if method.critic_mode not in ("lora", "full"):
-        raise FewstepError(f"bad value method.critic_mode={method.critic_mode!r}; choose one of ['lora', 'full']")
-    spaces = ["teacher", "x0", "eps", "v", "flow"]
-    if method.critic_weighting not in spaces:
-        raise FewstepError(f"bad value method.critic_weighting={method.critic_weighting!r}; choose one of {spaces}")
+    check_choice("method.critic_mode", method.critic_mode, ["lora", "full"])
+    check_choice("method.critic_weighting", method.critic_weighting, ["teacher", "x0", "eps", "v", "flow"])
     targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
     critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
     student, _ = build_student(cfg, teacher)
