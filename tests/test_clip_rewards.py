@@ -175,7 +175,7 @@ def test_missing_files_name_the_file(tmp_path):
         rewards.build_reward("pickscore", model_dir=tmp_path / "nope")
     with pytest.raises(FewstepError, match=r"micro\.safetensors"):
         load_micro_clip(tmp_path / "micro.safetensors")
-    with pytest.raises(FewstepError, match=r"digits classifier weights not found: .*w\.safetensors"):
+    with pytest.raises(FewstepError, match=r"digits classifier weights file not found: .*w\.safetensors"):
         rewards.DigitsClassReward(tmp_path / "w.safetensors")
 
 

@@ -197,12 +197,13 @@ def test_trainer_hook_scores_a_network_without_writing(stats_dir):
 
 
 def test_teacher_and_student_options_are_separate(tmp_path):
-    from fewstep.eval.run import EvalOptions, model_settings
+    from fewstep.eval.run import EvalOptions, export_meta, model_settings
 
     export = tmp_path / "export"
     export.mkdir()
     (export / "fewstep.json").write_text('{"recipe": "lcm"}')
     opts = EvalOptions(steps=[1, 2, 4, 8, 50], guidance=2.0, student_steps=None, student_guidance=None)
-    assert model_settings("toy-digits", opts) == ([1, 2, 4, 8, 50], 2.0)
-    assert model_settings(str(export), opts) == (None, None)      # the export's own steps and guidance
-    assert model_settings(str(export), EvalOptions(student_steps=[2], student_guidance=1.5)) == ([2], 1.5)
+    assert export_meta("toy-digits") is None and export_meta(str(export)) == {"recipe": "lcm"}
+    assert model_settings(export_meta("toy-digits"), opts) == ([1, 2, 4, 8, 50], 2.0)
+    assert model_settings(export_meta(str(export)), opts) == (None, None)   # the export's own steps and guidance
+    assert model_settings(export_meta(str(export)), EvalOptions(student_steps=[2], student_guidance=1.5)) == ([2], 1.5)

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from fewstep.errors import FewstepError
 
 GENEVAL_DIR = Path(__file__).resolve().parents[2] / "eval" / "geneval"
-PRESET_PATH = GENEVAL_DIR.parent / "geneval.yaml"
+PRESET_PATH = GENEVAL_DIR / "scoring.yaml"
 METADATA_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -47,7 +47,7 @@ class GenEvalConfig:
 
 
 def load_geneval_config(path: str | Path | None = None) -> GenEvalConfig:
-    """Read the protocol preset (default ``eval/geneval.yaml``) into a :class:`GenEvalConfig`."""
+    """Read the protocol preset (default ``eval/geneval/scoring.yaml``) into a :class:`GenEvalConfig`."""
     import yaml
     data = yaml.safe_load(Path(path or PRESET_PATH).read_text())
     values = {**data.get("scoring", {}), "images_per_prompt": data.get("images_per_prompt", 4),

@@ -68,7 +68,7 @@ class RewardSpec:
 
 @dataclass
 class GenEvalSpec:
-    config: str = "eval/geneval.yaml"    # scoring preset (thresholds, images per prompt, seed base)
+    config: str = "eval/geneval/scoring.yaml"    # scoring rules (thresholds, images per prompt, seed base)
     detector: str = "transformers"       # transformers (a local object-detection checkpoint folder)
     detector_weights: Optional[str] = None
 

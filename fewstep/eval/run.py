@@ -92,14 +92,25 @@ class Target:
         return denoiser, net
 
 
-def load_targets(model: str, steps: list[int] | None, guidance: float | None, device: str,
-                 precision: str) -> list[Target]:
-    """Load MODEL once and derive its sampler for every step count (export: own grid at its own count)."""
+def export_meta(model: str) -> dict | None:
+    """The sidecar of an export folder, None for a teacher name or folder."""
     from fewstep.export import read_sidecar
 
+    return read_sidecar(Path(model)) if Path(model).is_dir() else None
+
+
+def model_settings(meta: dict | None, opts: EvalOptions) -> tuple[list[int] | None, float | None]:
+    """(steps, guidance): the student options for an export (`meta` = its sidecar), the teacher options otherwise,
+    so one call can compare a teacher at 1..50 guided steps with students at their own settings."""
+    return (opts.student_steps, opts.student_guidance) if meta is not None else (opts.steps, opts.guidance)
+
+
+def load_targets(model: str, opts: EvalOptions, device: str) -> list[Target]:
+    """Load MODEL once and derive its sampler for every step count (export: own grid at its own count)."""
+    meta = export_meta(model)
+    steps, guidance = model_settings(meta, opts)
     teacher, spec, name = resolve_model(model, None, guidance, device)
-    teacher.autocast_dtype = precision_dtype(precision, device)
-    meta = read_sidecar(Path(model)) if Path(model).is_dir() else None
+    teacher.autocast_dtype = precision_dtype(opts.precision, device)
     own = len(spec.times) - 1
     display = "/".join(Path(model).resolve().parts[-2:]) if Path(model).is_dir() else model
     kind = "teacher" if meta is None else f"{meta.get('recipe', '?')} student"
@@ -108,15 +119,6 @@ def load_targets(model: str, steps: list[int] | None, guidance: float | None, de
         times = teacher.teacher_times(k) if meta is None else spec.times if k == own else teacher.student_times(k)
         out.append(Target(model, display, kind, name, teacher, replace(spec, times=[float(t) for t in times]), k))
     return out
-
-
-def model_settings(model: str, opts: EvalOptions) -> tuple[list[int] | None, float | None]:
-    """(steps, guidance) for MODEL: the student options for an export folder, the teacher options otherwise, so
-    one call can compare a teacher at 1..50 guided steps with students at their own settings."""
-    from fewstep.export import read_sidecar
-
-    is_export = Path(model).is_dir() and read_sidecar(Path(model)) is not None
-    return (opts.student_steps, opts.student_guidance) if is_export else (opts.steps, opts.guidance)
 
 
 def nfe(teacher: Teacher, net: nn.Module, steps: int, guidance: float) -> int:
@@ -241,7 +243,7 @@ def run_eval(models: list[str], protocols: list[str], options: EvalOptions | Non
         raise FewstepError("--batch-size and --num-images must be >= 1")
     protos = [load_protocol(p, opts.overrides) for p in protocols]   # fails fast on missing files
     acc, device = make_accelerator(opts.device)
-    targets = [t for m in models for t in load_targets(m, *model_settings(m, opts), device, opts.precision)]
+    targets = [t for m in models for t in load_targets(m, opts, device)]
     rows = []
     for proto in protos:
         shared = scoring.shared_scorers(proto, device, out, acc)

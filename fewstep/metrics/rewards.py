@@ -59,23 +59,14 @@ class RewardFn(Protocol):
         ...
 
 
-def _require_file(path: str | Path | None, what: str, source: str) -> Path:
-    """``path`` as a Path if it is an existing file, else a ``FewstepError`` naming the file and its source."""
+def _require_path(path: str | Path | None, what: str, source: str, kind: str = "file") -> Path:
+    """``path`` as a Path if it is an existing file (``kind="file"``) or folder (``kind="folder"``), else one
+    ``FewstepError`` naming what is missing and where to download it."""
     if path is None:
-        raise FewstepError(f"{what}: no file given; download it from {source} and pass its local path")
+        raise FewstepError(f"{what}: no {kind} given; download it from {source} and pass its local path")
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise FewstepError(f"{what} not found: {p}; download it from {source} and pass its local path")
-    return p
-
-
-def _require_dir(path: str | Path | None, what: str, source: str) -> Path:
-    """``path`` as a Path if it is a folder with a config, else a ``FewstepError`` with the source."""
-    if path is None:
-        raise FewstepError(f"{what}: no folder given; download {source} and pass the local folder")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FewstepError(f"{what} folder not found: {p}; download {source} and pass the local folder")
+    if not (p.is_file() if kind == "file" else p.is_dir()):
+        raise FewstepError(f"{what} {kind} not found: {p}; download it from {source} and pass its local path")
     return p
 
 
@@ -118,7 +109,7 @@ class HPSv21Reward(_Frozen):
         if version not in HPS_FILES:
             raise FewstepError(f"unknown HPS version {version!r}; use one of {', '.join(HPS_FILES)}")
         file = HPS_FILES[version]
-        path = _require_file(checkpoint, f"HPS{version} checkpoint {file}", HPS_URL.format(file=file))
+        path = _require_path(checkpoint, f"HPS{version} checkpoint {file}", HPS_URL.format(file=file))
         self.name, self.version = f"hps{version}", version
         self.clip = ClipScorer.from_pretrained(model_name, path, scale="cos", device=device, precision=precision,
                                                weights_only=weights_only)
@@ -177,10 +168,10 @@ class PickScoreReward(_Frozen):
         super().__init__()
         from transformers import AutoTokenizer, CLIPModel
 
-        mdir = _require_dir(model_dir, "PickScore model", PICKSCORE_MODEL_URL)
-        pdir = _require_dir(processor_dir if processor_dir is not None else mdir, "PickScore processor",
-                            PICKSCORE_PROCESSOR_URL)
-        _require_file(mdir / "config.json", "PickScore model config.json", PICKSCORE_MODEL_URL)
+        mdir = _require_path(model_dir, "PickScore model", PICKSCORE_MODEL_URL, "folder")
+        pdir = _require_path(processor_dir if processor_dir is not None else mdir, "PickScore processor",
+                             PICKSCORE_PROCESSOR_URL, "folder")
+        _require_path(mdir / "config.json", "PickScore model config.json", PICKSCORE_MODEL_URL)
         try:
             self.model = CLIPModel.from_pretrained(str(mdir), local_files_only=True).to(device=device, dtype=dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(str(pdir), local_files_only=True)
@@ -240,7 +231,7 @@ class AestheticMLP(nn.Module):
 
 def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     """Load the aesthetic MLP (strict, ``torch.load(weights_only=True)`` or safetensors); input size from the file."""
-    path = _require_file(path, "LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth", AESTHETIC_URL)
+    path = _require_path(path, "LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth", AESTHETIC_URL)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -284,7 +275,7 @@ class AestheticReward(_Frozen):
         is_tag = (clip_checkpoint is not None and not str(clip_model).endswith(".json")
                   and bool(open_clip.get_pretrained_cfg(str(clip_model), str(clip_checkpoint))))
         if not is_tag:
-            _require_file(clip_checkpoint, "CLIP ViT-L/14 (OpenAI) checkpoint", CLIP_L14_URL)
+            _require_path(clip_checkpoint, "CLIP ViT-L/14 (OpenAI) checkpoint", CLIP_L14_URL)
         self.clip = ClipScorer.from_pretrained(clip_model, str(clip_checkpoint), scale="cos", device=device,
                                                precision=precision)
         embed = getattr(self.clip.model.visual, "output_dim", None)
@@ -326,7 +317,7 @@ class DigitsClassReward(_Frozen):
 
         if kind not in ("logprob", "prob"):
             raise FewstepError(f"unknown digits reward kind {kind!r}; use logprob or prob")
-        path = _require_file(weights if weights is not None else DEFAULT_WEIGHTS, "digits classifier weights",
+        path = _require_path(weights if weights is not None else DEFAULT_WEIGHTS, "digits classifier weights",
                              "scripts/train_digits_classifier.py (run it to create the file)")
         self.net, self.kind, self.weights = load_digits_classifier(path), kind, str(path)
         self.freeze()
