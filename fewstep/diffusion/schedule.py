@@ -7,7 +7,7 @@ Two families cover every supported teacher:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -48,13 +48,17 @@ class DiscreteVP:
 
     alphas_cumprod: Tensor
     kind: str = "vp"
+    _log_tables: dict = field(default_factory=dict, repr=False)   # log(alphabar) per device, built once
+
 
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
     def alphabar(self, t: Tensor) -> Tensor:
-        log_ab = self.alphas_cumprod.double().log().to(t.device)
+        log_ab = self._log_tables.get(t.device)
+        if log_ab is None:
+            log_ab = self._log_tables[t.device] = self.alphas_cumprod.double().log().to(t.device)
         pos = t.double().clamp(0, 1) * (len(log_ab) - 1)
         lo = pos.floor().long().clamp(max=len(log_ab) - 2)
         return torch.lerp(log_ab[lo], log_ab[lo + 1], pos - lo).exp()

@@ -54,10 +54,17 @@ def concat_cond(a: Cond, b: Cond) -> Cond:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def paired_cond(pos: Cond, neg: Cond) -> dict[str, Cond]:
+    """The condition `Guided` takes, with the stacked [neg; pos] batch built once for a whole sampling loop
+    (as pipelines concatenate prompt embeddings once) instead of at every step."""
+    return {"pos": pos, "neg": neg, "both": concat_cond(neg, pos)}
+
+
 class Guided(nn.Module):
     """Classifier-free guidance as a wrapper: D_w = D(∅) + w (D(c) - D(∅)) (Ho & Salimans 2022, Eq. 6).
 
-    `cond` must hold "pos" and "neg" conditions; both run in one batched forward. `scale` is a float or a [B]
+    `cond` must hold "pos" and "neg" conditions (and may hold their stacked "both", see `paired_cond`); both run in
+    one batched forward. `scale` is a float or a [B]
     tensor in the Imagen/diffusers convention (1 = off, and then only the positive branch runs).
     """
 
@@ -69,7 +76,8 @@ class Guided(nn.Module):
         if isinstance(self.scale, (int, float)) and self.scale == 1.0:
             return self.denoiser(x_t, t, cond["pos"])
         t = t.expand(len(x_t)) if t.ndim == 0 else t
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond["neg"], cond["pos"]))
+        stacked = cond["both"] if "both" in cond else concat_cond(cond["neg"], cond["pos"])
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), stacked)
         neg, pos = both.chunk(2)
         scale = bcast(torch.as_tensor(self.scale), pos) if torch.is_tensor(self.scale) else self.scale
         return cfg(neg, pos, scale)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fewstep.models.denoiser import Guided
+from fewstep.models.denoiser import Guided, paired_cond
 from fewstep.models.teacher import Teacher
 from fewstep.sampling.engine import sample, seed_generators
 from fewstep.sampling.steps import STEPS, randn
@@ -41,7 +41,7 @@ def generate_latents(teacher: Teacher, denoiser: nn.Module, net: nn.Module, prom
     if embeds_guidance(net):
         cond["guidance"] = torch.full((len(prompts),), float(guidance), device=device)
     if paired:
-        cond = {"pos": cond, "neg": teacher.null_cond(len(prompts))}
+        cond = paired_cond(cond, teacher.null_cond(len(prompts)))
     return sample(call, noise, times, teacher.schedule, cond=cond, step=STEPS[step], generator=gens,
                   noise_fn=noise_fn, **step_kwargs)
 
