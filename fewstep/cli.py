@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "xformers"])
     b.add_argument("--compile", action="store_true", help="torch.compile the denoising network (CUDA only)")
     b.add_argument("--cuda-graphs", action="store_true", help='torch.compile mode="reduce-overhead" (CUDA only)')
+    b.add_argument("--stub-network", action="store_true", help="the denoising network returns its input without "
+                   "computing: times the sampler loop, prompt encoding and VAE decode alone (engine overhead)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--results", default=None, help="also write the table into this markdown file (docs/results.md)")
     b.add_argument("--section", default=None, help="section of --results to (re)write (default: bench)")

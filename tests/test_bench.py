@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fewstep.bench import BenchRow, Stats, batch_tensor, counting, markdown_table, parse_int_list, run_bench
+from fewstep.bench.report import describe_env
 from fewstep.cli import main
 from fewstep.errors import FewstepError
 
@@ -103,6 +104,28 @@ def test_toy_preset_with_stock_comparison():
     assert isinstance(row, BenchRow) and row.teacher == "toy-digits" and row.resolution == 16
     assert row.engine.forward_rows == row.stock.forward_rows == 4 and row.nfe == 2
     assert row.stock_ratio > 0 and math.isfinite(row.stock_ratio)
+
+
+def test_stub_network_times_the_loop_alone_and_restores_the_network():
+    """--stub-network: the same calls on both sides, far less time than the real network at 50 steps, and the
+    network computes again afterwards (the stub is removed)."""
+    from fewstep.bench.sides import stub_network
+
+    real, stub = (run_bench("toy-digits", [50], [4], guidance=2.0, compare_stock=True, repeats=1, progress=False,
+                            stub_network=on)[0] for on in (False, True))
+    for side in ("engine", "stock"):
+        a, b = getattr(real, side), getattr(stub, side)
+        assert (a.forward_calls, a.forward_rows) == (b.forward_calls, b.forward_rows) == (50, 400)
+        assert b.latency.median_s < 0.5 * a.latency.median_s
+    assert stub.env["stub_network"] and not real.env["stub_network"]
+    assert "NETWORK STUBBED" in describe_env([stub]) and "STUBBED" not in describe_env([real])
+    net = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    with stub_network(net, True):
+        assert net(x).sample is x and net(x, return_dict=False)[0] is x
+    assert "forward" not in vars(net) and torch.allclose(net(x), torch.nn.functional.linear(x, net.weight, net.bias))
+    with pytest.raises(FewstepError, match="--stub-network"):
+        run_bench("toy-digits", [1], [1], stub_network=True, compile=True, progress=False, device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")

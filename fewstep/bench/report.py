@@ -14,6 +14,8 @@ from fewstep.errors import FewstepError
 RESULTS_JSON = "bench.json"
 
 RESULTS_MD = "bench.md"
+STUB_NOTE = (", NETWORK STUBBED (it returns its input: the times are the sampler loop, prompt encoding and VAE "
+             "decode alone)")
 
 
 @dataclass
@@ -83,7 +85,8 @@ def describe_env(rows: list[BenchRow]) -> str:
     dtype = e["net_dtype"] + (f" + {e['autocast_dtype']} autocast" if e["autocast_dtype"] else "")
     mem = "CUDA max allocated" if e["memory"] == "cuda_max_allocated" else "process RSS"
     return (f"{e['device_name']} ({e['device']}), torch {e['torch']}, diffusers {e['diffusers']}, "
-            f"{e['torch_threads']} threads, {dtype}, attention {e['attention']}, compile {e['compile'] or 'off'}; "
+            f"{e['torch_threads']} threads, {dtype}, attention {e['attention']}, compile {e['compile'] or 'off'}"
+            f"{STUB_NOTE if e.get('stub_network') else ''}; "
             f"guidance {_num(r.guidance)}, {r.resolution}px, sampler {r.sampler}; {e['warmup']} warm-up + "
             f"{e['repeats']} timed runs; memory = {mem}; stock ratio = stock median / engine median")
 

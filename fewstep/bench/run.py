@@ -16,7 +16,7 @@ from fewstep.bench.measure import Case, Measurement, count_case, current_memory_
 from fewstep.bench.report import (RESULTS_JSON, RESULTS_MD, BenchRow, check_out, describe_env, make_row,
                                   markdown_table, write_results)
 from fewstep.bench.sides import (bench_prompts, compile_net, engine_side, grid_for, net_autocast, stock_scheduler,
-                                 stock_setup_note, stock_side)
+                                 stock_setup_note, stock_side, stub_network)
 from fewstep.errors import FewstepError
 from fewstep.export import read_sidecar
 from fewstep.models.teacher import Teacher, set_attention_backend
@@ -43,6 +43,7 @@ class BenchOptions:
     prompts: list[str] | str | None = None  # prompts (cycled) or a text file; None: fixed built-in prompts
     seed: int = 0                       # image i of a batch uses seed + i
     progress: bool = True               # tqdm bar on stderr
+    stub_network: bool = False          # the network returns its input: times loop, encoding and decoding only
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -71,6 +72,9 @@ def validate(steps: list[int], batch_sizes: list[int], opts: BenchOptions, devic
         raise FewstepError("--steps and --batch-sizes need positive integers, e.g. --steps 1,4 --batch-sizes 1,8")
     if opts.repeats < 1 or opts.warmup < 1:
         raise FewstepError("--repeats and --warmup must be >= 1 (the first warm-up run also counts network calls)")
+    if opts.stub_network and (opts.compile or opts.cuda_graphs):
+        raise FewstepError("--stub-network times the code around the network, so compiling the network means "
+                           "nothing there; drop --compile/--cuda-graphs or --stub-network")
     if device.startswith("cuda"):
         return
     flags = [("--compile", opts.compile), ("--cuda-graphs", opts.cuda_graphs),
@@ -106,6 +110,7 @@ def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opt
            "net_dtype": str(next(teacher.net.parameters()).dtype).replace("torch.", ""),
            "autocast_dtype": None if autocast is None else str(autocast).replace("torch.", ""),
            "precision": opts.precision, "attention": opts.attention, "compile": compile_mode,
+           "stub_network": opts.stub_network,
            "warmup": warmup, "repeats": opts.repeats, "seed": opts.seed,
            "memory": "cuda_max_allocated" if device.startswith("cuda") else "cpu_rss",
            "memory_after_load_mb": loaded_mb}
@@ -177,7 +182,8 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
     scheduler = stock_scheduler(teacher, meta) if opts.compare_stock else None
     cases = build_cases(teacher, meta, spec.step, spec.guidance_scale, steps, batch_sizes, prompts, opts.seed,
                         scheduler)
-    with set_attention_backend(teacher.net, opts.attention), net_autocast(teacher.net, autocast):
+    with set_attention_backend(teacher.net, opts.attention), net_autocast(teacher.net, autocast), \
+            stub_network(teacher.net, opts.stub_network):
         measured = measure_cases(cases, teacher.net, device, warmup, opts.repeats, compile_mode, opts.progress)
     env = environment(device, teacher, autocast, opts, warmup, compile_mode, loaded_mb)
     display = Path(model).name if Path(model).is_dir() else model
@@ -197,7 +203,7 @@ def run_bench_cli(args: Any) -> list[BenchRow]:
                      warmup=args.warmup, compare_stock=args.compare_stock, device=args.device,
                      precision=args.precision, attention=args.attention, compile=args.compile,
                      cuda_graphs=args.cuda_graphs, prompts=args.prompts, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, stub_network=args.stub_network)
     print(describe_env(rows))
     print()
     print(markdown_table(rows), end="")

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from fewstep.bench.measure import Side
+from fewstep.bench.measure import Side, batch_tensor
 from fewstep.models.teacher import Teacher
 from fewstep.sample import GRAYSCALE_TEACHERS
 from fewstep.sampling.engine import seed_generators
@@ -47,6 +47,33 @@ def grid_for(teacher: Teacher, meta: dict | None, steps: int) -> list[float]:
     if steps == len(meta["times"]) - 1:
         return [float(t) for t in meta["times"]]
     return [float(t) for t in teacher.student_times(steps)]
+
+
+class StubOutput:
+    """What a diffusers denoising network returns (`.sample`), for `stub_network`."""
+
+    def __init__(self, sample: Tensor) -> None:
+        self.sample = sample
+
+
+@contextmanager
+def stub_network(net: nn.Module, on: bool) -> Iterator[None]:
+    """With `on`, the network's forward returns its own input (as `.sample`, or a 1-tuple with return_dict=False)
+    without computing anything, so a run times everything around the network: the sampler loop, prompt encoding
+    and VAE decode. The images are meaningless; the network calls are still counted."""
+    if not on:
+        yield
+        return
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = batch_tensor(args, kwargs)
+        return (x,) if kwargs.get("return_dict", True) is False else StubOutput(x)
+
+    net.forward = forward
+    try:
+        yield
+    finally:
+        del net.forward
 
 
 @contextmanager
