@@ -174,6 +174,19 @@ def test_sdxl_null_cond_is_zeros_and_time_ids_follow_size() -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_teacher_null_cond_encodes_once_and_equals_the_per_row_encoding(name: str) -> None:
+    """Teacher.null_cond encodes one row and copies it; the family's n-row encoding must be the same tensors."""
+    from fewstep.models.teacher import Teacher
+
+    pipe, family = _pipe(name), FAMILIES[name]
+    ours, ref = Teacher(pipe, family, name).null_cond(3), family.null_cond(pipe, 3)
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert ours[k].shape == ref[k].shape and ours[k].is_contiguous()
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_encode_decode(name: str) -> None:
     pipe, family = _pipe(name), FAMILIES[name]
     size = CASES[name][0]

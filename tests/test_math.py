@@ -22,6 +22,20 @@ def test_discrete_vp_matches_table_at_integer_indices():
     torch.testing.assert_close(vp.model_timestep(vp.to_t(idx)), idx.float())
 
 
+def test_discrete_vp_memo_gives_fresh_copies_of_the_exact_values():
+    """CPU alpha_sigma is memoised by time values: same numbers as the uncached path, and a caller's in-place edit
+    of a result does not reach the next caller."""
+    vp = DiscreteVP(sd_table())
+    t = torch.tensor([0.5, 0.5, 0.37])
+    a, s = vp.alpha_sigma(t)
+    ref_a, ref_s = vp._alpha_sigma(t)
+    assert torch.equal(a, ref_a) and torch.equal(s, ref_s)
+    a.mul_(0)
+    again, _ = vp.alpha_sigma(t.clone())
+    assert torch.equal(again, ref_a)
+    assert len(vp._memo) == 1                               # one entry for the two equal-valued tensors
+
+
 def test_discrete_vp_is_monotone_and_variance_preserving():
     vp = DiscreteVP(sd_table())
     t = torch.linspace(0, 1, 301)

@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 
+MEMO_MAX_NUMEL = 1024    # time tensors larger than this are not memoised (DiscreteVP.alpha_sigma)
+MEMO_MAX_ENTRIES = 256
+
+
 def bcast(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample vector [B] (or scalar) so it broadcasts against `like` [B, ...]."""
     v = torch.as_tensor(v, device=like.device)
@@ -49,7 +53,7 @@ class DiscreteVP:
     alphas_cumprod: Tensor
     kind: str = "vp"
     _log_tables: dict = field(default_factory=dict, repr=False)   # log(alphabar) per device, built once
-
+    _memo: dict = field(default_factory=dict, repr=False)         # CPU alpha_sigma results by time values
 
     @property
     def num_train_timesteps(self) -> int:
@@ -64,6 +68,20 @@ class DiscreteVP:
         return torch.lerp(log_ab[lo], log_ab[lo + 1], pos - lo).exp()
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """On CPU, results are memoised by the time values: a sampling loop asks for the same few grid times at
+        every step (denoiser and step function), and the interpolation costs a dozen small ops per call. Cached
+        tensors are handed out as clones, so a caller's in-place edit cannot reach the cache."""
+        if t.device.type != "cpu" or t.numel() > MEMO_MAX_NUMEL or t.requires_grad:
+            return self._alpha_sigma(t)
+        key = (t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= MEMO_MAX_ENTRIES:
+                self._memo.clear()
+            hit = self._memo[key] = self._alpha_sigma(t)
+        return hit[0].clone(), hit[1].clone()
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         ab = self.alphabar(t)
         return ab.sqrt().float(), (1 - ab).sqrt().float()
 

@@ -104,7 +104,10 @@ class Teacher:
         return self.family.encode_prompts(self.pipe, prompts)
 
     def null_cond(self, n: int) -> Cond:
-        return self.family.null_cond(self.pipe, n)
+        """The unconditional branch for n rows: every row is the same encoding (of "" or zeros), so it is encoded
+        once and copied, instead of tokenising and encoding n empty prompts."""
+        one = self.family.null_cond(self.pipe, 1)
+        return {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in one.items()}
 
     def teacher_times(self, steps: int, size: int | None = None) -> Tensor:
         s = size or self.size
