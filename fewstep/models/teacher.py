@@ -70,6 +70,7 @@ class Teacher:
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
     experts: list = field(default_factory=list)  # phased students: [(adapter name or network, bound)], by time
+    _schedule: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (scheduler, schedule)
 
     @property
     def net(self) -> nn.Module:
@@ -77,7 +78,13 @@ class Teacher:
 
     @property
     def schedule(self) -> Schedule:
-        return self.family.schedule(self.pipe)
+        """The family's schedule for the pipeline's current scheduler, built once per scheduler object (so its
+        tables and memo are shared by every loop; swapping `pipe.scheduler` rebuilds it)."""
+        scheduler, schedule = self._schedule
+        if scheduler is not self.pipe.scheduler or schedule is None:
+            schedule = self.family.schedule(self.pipe)
+            self._schedule = (self.pipe.scheduler, schedule)
+        return schedule
 
     @property
     def prediction(self) -> str:
