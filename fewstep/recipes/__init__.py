@@ -18,13 +18,28 @@ from fewstep.recipes.phased_dmd import PhasedDMD, check_phases
 RECIPES: dict[str, type[Recipe]] = {"lcm": LCM, "dmd2": DMD2, "phased_dmd": PhasedDMD}
 
 
+def on_table(times: list[float], teacher: Teacher) -> list[float]:
+    """Explicit student times on a DDPM-table teacher, moved down to the table entry at or below each time
+    (t = 0.375 with 1000 entries -> index 374 -> 374/999), so the stock LCMScheduler, which takes integer
+    timesteps, runs exactly the grid the student was trained on. Flow teachers take any sigma."""
+    if teacher.schedule.kind != "vp":
+        return times
+    from fewstep.diffusion.schedule import snap_to_int
+
+    n = teacher.schedule.num_train_timesteps - 1
+    idx = snap_to_int(torch.tensor(times, dtype=torch.float64) * n).floor()
+    return [float(i) / n for i in idx]
+
+
 def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: Any = None) -> InferenceSpec:
     times = list(cfg.sample.timesteps)
     if times:
         if times[-1] != 0:
             times.append(0.0)
+        times = on_table(times, teacher)
         if any(a <= b for a, b in zip(times, times[1:])):
-            raise FewstepError(f"sample.timesteps must decrease in (0, 1] towards 0 (got {list(cfg.sample.timesteps)})")
+            raise FewstepError(f"sample.timesteps must decrease in (0, 1] towards 0 and map to distinct teacher "
+                               f"timesteps (got {list(cfg.sample.timesteps)})")
     elif default_times is not None:
         times = [float(t) for t in default_times(teacher, cfg.sample.steps)]
     else:
