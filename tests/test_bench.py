@@ -109,7 +109,7 @@ def test_toy_preset_with_stock_comparison():
 def test_stub_network_times_the_loop_alone_and_restores_the_network():
     """--stub-network: the same calls on both sides, far less time than the real network at 50 steps, and the
     network computes again afterwards (the stub is removed)."""
-    from fewstep.bench.sides import stub_network
+    from fewstep.bench.sides import patched_forward, stub_network
 
     real, stub = (run_bench("toy-digits", [50], [4], guidance=2.0, compare_stock=True, repeats=1, progress=False,
                             stub_network=on)[0] for on in (False, True))
@@ -124,6 +124,12 @@ def test_stub_network_times_the_loop_alone_and_restores_the_network():
     with stub_network(net, True):
         assert net(x).sample is x and net(x, return_dict=False)[0] is x
     assert "forward" not in vars(net) and torch.allclose(net(x), torch.nn.functional.linear(x, net.weight, net.bias))
+    outer = lambda *a, **k: "outer"                          # noqa: E731  (an enclosing patch, e.g. net_autocast)
+    with patched_forward(net, outer):
+        with stub_network(net, True):
+            assert net(x).sample is x
+        assert net(x) == "outer"                             # the enclosing patch is back
+    assert "forward" not in vars(net)
     with pytest.raises(FewstepError, match="--stub-network"):
         run_bench("toy-digits", [1], [1], stub_network=True, compile=True, progress=False, device="cpu")
 

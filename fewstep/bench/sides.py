@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,21 @@ class StubOutput:
 
 
 @contextmanager
+def patched_forward(net: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """`net.forward` replaced by `forward` inside the block; whatever instance-level forward was there before (an
+    enclosing patch) comes back afterwards, so patches nest."""
+    had, before = "forward" in vars(net), vars(net).get("forward")
+    net.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            net.forward = before
+        else:
+            del net.forward
+
+
+@contextmanager
 def stub_network(net: nn.Module, on: bool) -> Iterator[None]:
     """With `on`, the network's forward returns its own input (as `.sample`, or a 1-tuple with return_dict=False)
     without computing anything, so a run times everything around the network: the sampler loop, prompt encoding
@@ -69,11 +84,8 @@ def stub_network(net: nn.Module, on: bool) -> Iterator[None]:
         x = batch_tensor(args, kwargs)
         return (x,) if kwargs.get("return_dict", True) is False else StubOutput(x)
 
-    net.forward = forward
-    try:
+    with patched_forward(net, forward):
         yield
-    finally:
-        del net.forward
 
 
 @contextmanager
@@ -90,11 +102,8 @@ def net_autocast(net: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
         with torch.autocast("cuda", dtype=dtype):
             return inner(*args, **kwargs)
 
-    net.forward = forward
-    try:
+    with patched_forward(net, forward):
         yield
-    finally:
-        del net.forward
 
 
 def compile_net(net: nn.Module, mode: str) -> None:

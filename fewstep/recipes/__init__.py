@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep.diffusion.schedule import snap_to_int
 from fewstep.errors import FewstepError
 from fewstep.models.adapters import WithAdapter
 from fewstep.models.student import add_guidance_embedding, add_lora, full_copy
@@ -24,8 +25,6 @@ def on_table(times: list[float], teacher: Teacher) -> list[float]:
     timesteps, runs exactly the grid the student was trained on. Flow teachers take any sigma."""
     if teacher.schedule.kind != "vp":
         return times
-    from fewstep.diffusion.schedule import snap_to_int
-
     n = teacher.schedule.num_train_timesteps - 1
     idx = snap_to_int(torch.tensor(times, dtype=torch.float64) * n).floor()
     return [float(i) / n for i in idx]
