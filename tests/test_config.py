@@ -56,3 +56,18 @@ def test_malformed_yaml(tmp_path: Path):
 def test_missing_dataset_path_is_reported():
     with pytest.raises(FewstepError, match="data.path is required for data.source=folder"):
         load_config(["recipe=lcm", "model=sd15"])
+
+
+def test_explicit_student_times_move_down_to_the_teacher_table():
+    """sample.timesteps between DDPM-table entries land on the entry at or below (what a stock LCMScheduler can
+    run); the toy DMD2 preset's 0.5/0.375/0.25/0.125 become 499/374/249/124; times that collide are refused."""
+    from fewstep.models.teacher import load_teacher
+    from fewstep.recipes import inference_spec
+
+    teacher = load_teacher("toy-digits")
+    spec = inference_spec(load_config(["recipe=dmd2", "model=toy-digits"]), teacher, "consistency")
+    assert [round(t * 999, 9) for t in spec.times] == [499, 374, 249, 124, 0]
+    exact = inference_spec(load_config(["recipe=dmd2", "sample.timesteps=[0.4994994994994995]"]), teacher, "ddim")
+    assert round(exact.times[0] * 999, 9) == 499                     # already on the table: unchanged
+    with pytest.raises(FewstepError, match="distinct teacher timesteps"):
+        inference_spec(load_config(["recipe=dmd2", "sample.timesteps=[0.5,0.4999]"]), teacher, "ddim")
