@@ -64,8 +64,8 @@ class Guided(nn.Module):
     """Classifier-free guidance as a wrapper: D_w = D(∅) + w (D(c) - D(∅)) (Ho & Salimans 2022, Eq. 6).
 
     `cond` must hold "pos" and "neg" conditions (and may hold their stacked "both", see `paired_cond`); both run in
-    one batched forward. `scale` is a float or a [B]
-    tensor in the Imagen/diffusers convention (1 = off, and then only the positive branch runs).
+    one batched forward. `scale` is a float or a [B] tensor in the Imagen/diffusers convention (1 = off, and then
+    only the positive branch runs).
     """
 
     def __init__(self, denoiser: nn.Module, scale: float | Tensor) -> None:

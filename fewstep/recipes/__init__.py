@@ -6,7 +6,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fewstep.diffusion.schedule import snap_to_int
 from fewstep.errors import FewstepError
 from fewstep.models.adapters import WithAdapter
 from fewstep.models.student import add_guidance_embedding, add_lora, full_copy
@@ -23,11 +22,11 @@ def on_table(times: list[float], teacher: Teacher) -> list[float]:
     """Explicit student times on a DDPM-table teacher, moved down to the table entry at or below each time
     (t = 0.375 with 1000 entries -> index 374 -> 374/999), so the stock LCMScheduler, which takes integer
     timesteps, runs exactly the grid the student was trained on. Flow teachers take any sigma."""
-    if teacher.schedule.kind != "vp":
+    sched = teacher.schedule
+    if sched.kind != "vp":
         return times
-    n = teacher.schedule.num_train_timesteps - 1
-    idx = snap_to_int(torch.tensor(times, dtype=torch.float64) * n).floor()
-    return [float(i) / n for i in idx]
+    index = sched.model_timestep(torch.tensor(times, dtype=torch.float64)).floor()
+    return [float(t) for t in sched.to_t(index)]
 
 
 def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: Any = None) -> InferenceSpec:
