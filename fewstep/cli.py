@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 is CUDA only")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype, as the stock pipeline's torch_dtype (default float32, with --precision "
+                   "auto giving bf16 autocast on CUDA)")
     b.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "xformers"])
     b.add_argument("--compile", action="store_true", help="torch.compile the denoising network (CUDA only)")
     b.add_argument("--cuda-graphs", action="store_true", help='torch.compile mode="reduce-overhead" (CUDA only)')

@@ -1,6 +1,7 @@
 """`fewstep distill` / `scripts/distill.py`: config -> teacher -> recipe -> trainer -> export."""
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewstep.config import load_config, load_saved_config
 from fewstep.errors import FewstepError
-from fewstep.models.teacher import BUILTIN, Teacher, load_teacher, set_attention_backend
+from fewstep.models.attention import set_attention_backend
+from fewstep.models.teacher import BUILTIN, Teacher, load_teacher
 from fewstep.train import checkpoint as ckpt
 
 
@@ -29,12 +31,15 @@ def prepare_output(cfg: DictConfig) -> Path | None:
     return resume
 
 
-def build_run(cfg: DictConfig, device: Any) -> tuple[Teacher, Any, Any]:
+def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> tuple[Teacher, Any, Any]:
+    """Teacher, recipe and dataset. The attention backend is entered on `stack` before the recipe copies the
+    network (full students and critics inherit its processors) and stays on while the stack is open (without a
+    stack, for good)."""
     from fewstep.data.datasets import make_dataset
     from fewstep.recipes import build_recipe
 
     teacher = load_teacher(cfg.teacher.pretrained, cfg.teacher.dtype, device)
-    set_attention_backend(teacher.net, cfg.attention)
+    (stack or ExitStack()).enter_context(set_attention_backend(teacher.net, cfg.attention))
     size = cfg.teacher.resolution or teacher.size
     dataset = make_dataset(cfg.data.source, cfg.data.path, size, cfg.data.center_crop)
     recipe = build_recipe(cfg, teacher)
@@ -60,18 +65,19 @@ def run(argv: list[str]) -> Path:
     resume = prepare_output(cfg) if acc.is_main_process else ckpt.resolve_resume(cfg.resume, out)
     if cfg.train.trackers:
         acc.init_trackers("fewstep", config=OmegaConf.to_container(cfg, resolve=True))
-    teacher, recipe, dataset = build_run(cfg, acc.device)
     from fewstep.train.trainer import Trainer
 
-    trainer = Trainer(cfg, recipe, teacher, dataset, acc)
-    if resume is not None:
-        trainer.restore(resume)
-        acc.print(f"resumed from {resume} at step {trainer.step}")
-    trainer.fit()
-    acc.end_training()
-    if not acc.is_main_process:
-        return out / "export"
-    return finish(cfg, trainer, teacher, recipe)
+    with ExitStack() as stack:
+        teacher, recipe, dataset = build_run(cfg, acc.device, stack)
+        trainer = Trainer(cfg, recipe, teacher, dataset, acc)
+        if resume is not None:
+            trainer.restore(resume)
+            acc.print(f"resumed from {resume} at step {trainer.step}")
+        trainer.fit()
+        acc.end_training()
+        if not acc.is_main_process:
+            return out / "export"
+        return finish(cfg, trainer, teacher, recipe)
 
 
 def finish(cfg: DictConfig, trainer: Any, teacher: Teacher, recipe: Any) -> Path:

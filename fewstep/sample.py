@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 from fewstep.data.datasets import read_prompts
 from fewstep.errors import FewstepError
 from fewstep.export import load_export, read_sidecar
-from fewstep.models.teacher import Teacher, load_teacher, set_attention_backend
+from fewstep.models.attention import set_attention_backend
+from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_latents
 
@@ -85,13 +87,14 @@ def run_sample(args: Any) -> Path:
     if args.compile:
         for net in nets:
             net.compile()
-    ctx = [set_attention_backend(net, args.attention) for net in nets][0]
     prompts = choose_prompts(args.prompts, args.num_images, name)
     seeds = [args.seed + i for i in range(args.num_images)]
     times = torch.tensor(spec.times, dtype=torch.float64)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with ctx:
+    with ExitStack() as stack:
+        for net in nets:
+            stack.enter_context(set_attention_backend(net, args.attention))
         for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
             sl = slice(i, i + args.batch_size)
             lat = generate_latents(teacher, teacher.denoiser(), teacher.net, prompts[sl], seeds[sl], times, spec.step,

@@ -13,7 +13,7 @@ from fewstep.cli import main
 from fewstep.errors import FewstepError
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]   # in the tiny tokenizer's vocabulary
-QUIET = dict(progress=False, prompts=PROMPTS)
+QUIET = dict(progress=False, prompts=PROMPTS, device="cpu")   # the CPU path; GPU runs are in test_cuda.py
 
 
 def test_more_steps_take_longer_and_cfg_doubles_the_rows(teacher_dir: Path):
@@ -38,8 +38,8 @@ def test_cli_writes_coherent_json_and_markdown_with_stock_ratio(teacher_dir: Pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "bench"
-    main(["bench", str(teacher_dir), "--steps", "1,2", "--batch-sizes", "1,2", "--guidance", "2", "--repeats", "2",
-          "--compare-stock", "--prompts", str(prompts), "--out", str(out), "--no-progress",
+    main(["bench", str(teacher_dir), "--device", "cpu", "--steps", "1,2", "--batch-sizes", "1,2", "--guidance", "2",
+          "--repeats", "2", "--compare-stock", "--prompts", str(prompts), "--out", str(out), "--no-progress",
           "--results", str(tmp_path / "results.md"), "--section", "bench-tiny"])
     printed = capsys.readouterr().out
     data = json.loads((out / "bench.json").read_text())
@@ -175,3 +175,13 @@ def test_stats_counter_and_list_parsing():
     net(torch.zeros(5, 3), torch.zeros(5))   # after the block: not counted
     assert (counter.calls, counter.rows) == (2, 10)
     assert batch_tensor((), {"timestep": torch.zeros(2)}) is not None
+
+
+def test_weights_dtype_casts_every_component_and_is_recorded(teacher_dir: Path):
+    """--dtype bfloat16 runs both sides on bf16 weights (as `torch_dtype=torch.bfloat16` would load them)."""
+    row = run_bench(str(teacher_dir), [2], [1], guidance=2.0, repeats=1, compare_stock=True, dtype="bfloat16",
+                    **QUIET)[0]
+    assert row.env["net_dtype"] == "bfloat16" and row.env["weights_dtype"] == "bfloat16"
+    assert row.same_work and row.engine.nfe == row.stock.nfe == 4
+    with pytest.raises(FewstepError, match="--dtype 'half' is not one of"):
+        run_bench(str(teacher_dir), [1], [1], repeats=1, dtype="half", **QUIET)

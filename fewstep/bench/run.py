@@ -19,11 +19,11 @@ from fewstep.bench.sides import (bench_prompts, compile_net, engine_side, grid_f
                                  stock_setup_note, stock_side, stub_network)
 from fewstep.errors import FewstepError
 from fewstep.export import read_sidecar
-from fewstep.models.teacher import Teacher, set_attention_backend
-from fewstep.sample import precision_dtype, resolve_model
+from fewstep.models.attention import CUDA_ONLY, set_attention_backend
+from fewstep.models.teacher import DTYPES, Teacher
+from fewstep.sample import networks, precision_dtype, resolve_model
 
 
-CUDA_ONLY_ATTENTION = ("flash", "efficient", "xformers")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class BenchOptions:
     compare_stock: bool = False         # also time the stock Diffusers pipeline call
     device: str | None = None           # cpu / cuda / cuda:1 (default: cuda when available)
     precision: str = "auto"             # auto (bf16 autocast on CUDA) / fp32 / bf16 (CUDA only)
+    dtype: str = "float32"              # weights: float32 / bfloat16 / float16 (the stock `torch_dtype`)
     attention: str = "sdpa"             # sdpa / math; flash / efficient / xformers need CUDA
     compile: bool = False               # torch.compile the denoising network (CUDA only)
     cuda_graphs: bool = False           # torch.compile(mode="reduce-overhead") (CUDA only)
@@ -72,14 +73,19 @@ def validate(steps: list[int], batch_sizes: list[int], opts: BenchOptions, devic
         raise FewstepError("--steps and --batch-sizes need positive integers, e.g. --steps 1,4 --batch-sizes 1,8")
     if opts.repeats < 1 or opts.warmup < 1:
         raise FewstepError("--repeats and --warmup must be >= 1 (the first warm-up run also counts network calls)")
+    if opts.dtype not in DTYPES:
+        raise FewstepError(f"--dtype {opts.dtype!r} is not one of {sorted(DTYPES)}; pass e.g. --dtype bfloat16")
     if opts.stub_network and (opts.compile or opts.cuda_graphs):
         raise FewstepError("--stub-network times the code around the network, so compiling the network means "
                            "nothing there; drop --compile/--cuda-graphs or --stub-network")
     if device.startswith("cuda"):
+        if opts.attention == "flash" and opts.precision == "fp32" and opts.dtype == "float32":
+            raise FewstepError("flash attention runs in bf16/fp16 only; drop --precision fp32 (auto is bf16 on "
+                               "CUDA), pass --dtype bfloat16, or use --attention efficient")
         return
     flags = [("--compile", opts.compile), ("--cuda-graphs", opts.cuda_graphs),
              ("--precision bf16", opts.precision == "bf16"),
-             (f"--attention {opts.attention}", opts.attention in CUDA_ONLY_ATTENTION)]
+             (f"--attention {opts.attention}", opts.attention in CUDA_ONLY)]
     for flag, on in flags:
         if on:
             raise FewstepError(f"{flag} needs a CUDA device but this run is on {device}; drop it (CPU runs use "
@@ -109,7 +115,7 @@ def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opt
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
            "net_dtype": str(next(teacher.net.parameters()).dtype).replace("torch.", ""),
            "autocast_dtype": None if autocast is None else str(autocast).replace("torch.", ""),
-           "precision": opts.precision, "attention": opts.attention, "compile": compile_mode,
+           "precision": opts.precision, "weights_dtype": opts.dtype, "attention": opts.attention, "compile": compile_mode,
            "stub_network": opts.stub_network,
            "warmup": warmup, "repeats": opts.repeats, "seed": opts.seed,
            "memory": "cuda_max_allocated" if device.startswith("cuda") else "cpu_rss",
@@ -117,6 +123,15 @@ def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opt
     if device.startswith("cuda"):
         env["cuda"] = torch.version.cuda
     return env
+
+
+def cast_weights(teacher: Teacher, dtype: str) -> None:
+    """Every component (and every full phase expert) in `dtype`, as `from_pretrained(torch_dtype=...)` gives."""
+    if dtype == "float32":
+        return
+    teacher.pipe.to(dtype=DTYPES[dtype])
+    for net in networks(teacher):
+        net.to(dtype=DTYPES[dtype])
 
 
 def check_stock_supported(teacher: Teacher) -> None:
@@ -170,6 +185,7 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
     device = pick_device(opts.device)
     validate(steps, batch_sizes, opts, device)
     teacher, spec, name = resolve_model(model, None, opts.guidance, device)
+    cast_weights(teacher, opts.dtype)
     meta = read_sidecar(Path(model)) if Path(model).is_dir() else None
     loaded_mb = current_memory_mb(device)
     if opts.compare_stock:
@@ -201,7 +217,7 @@ def run_bench_cli(args: Any) -> list[BenchRow]:
         check_out(out)
     rows = run_bench(args.model, steps, batch_sizes, guidance=args.guidance, repeats=args.repeats,
                      warmup=args.warmup, compare_stock=args.compare_stock, device=args.device,
-                     precision=args.precision, attention=args.attention, compile=args.compile,
+                     precision=args.precision, dtype=args.dtype, attention=args.attention, compile=args.compile,
                      cuda_graphs=args.cuda_graphs, prompts=args.prompts, seed=args.seed,
                      progress=not args.no_progress, stub_network=args.stub_network)
     print(describe_env(rows))

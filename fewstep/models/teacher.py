@@ -140,25 +140,3 @@ def load_teacher(spec: str, dtype: str = "float32", device: str | torch.device =
         if isinstance(module, nn.Module):
             module.requires_grad_(False).eval()
     return teacher
-
-
-def set_attention_backend(net: nn.Module, backend: str) -> Any:
-    """Pick the attention kernel. sdpa lets PyTorch choose; flash/efficient/math pin one SDPA kernel (returned as a
-    context manager to wrap forwards in); xformers swaps diffusers' processors. CUDA-only choices fail clearly."""
-    from contextlib import nullcontext
-
-    if backend == "sdpa":
-        return nullcontext()
-    if backend in ("flash", "efficient", "xformers") and not torch.cuda.is_available():
-        raise FewstepError(f"attention={backend} needs CUDA, which is not available here; use attention=sdpa or attention=math")
-    if backend == "xformers":
-        try:
-            net.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as exc:
-            raise FewstepError(f"attention=xformers failed ({exc}); install the extra: pip install 'fewstep[xformers]'") from exc
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "math": SDPBackend.MATH}[backend]
-    return sdpa_kernel(kernel)
