@@ -210,3 +210,23 @@ def test_decoupled_three_steps_finite_and_export(teacher_dir: Path, tmp_path: Pa
     assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
     _, spec, meta = load_export(out / "export")
     assert meta["recipe"] == "dmd2" and len(spec.times) == 5 and (out / "export" / "fewstep.json").is_file()
+
+
+def test_adapters_on_a_half_precision_base_train_in_float32():
+    """Student and critic LoRA on a bf16/fp16 teacher are float32 (Adam on half-precision adapters went NaN on an
+    fp16 SD1.5 teacher); the frozen base keeps its dtype and the forward still returns it."""
+    from tiny_pipelines import tiny_sd
+
+    from fewstep.models.adapters import add_named_adapter
+    from fewstep.models.student import add_lora
+
+    net = tiny_sd().unet.to(torch.bfloat16)
+    add_lora(net, 4, 4, ["to_q", "to_k", "to_v"])
+    critic = add_named_adapter(net, "critic", 4, 4, ["to_q", "to_k", "to_v"])
+    adapters = {n: p for n, p in net.named_parameters() if "lora_" in n}
+    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+    assert critic and all(p.requires_grad and p.dtype == torch.float32 for p in critic.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in net.named_parameters() if "lora_" not in n)
+    out = net(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([10]),
+              encoder_hidden_states=torch.randn(1, 4, 16, dtype=torch.bfloat16)).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

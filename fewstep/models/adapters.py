@@ -112,6 +112,7 @@ def add_named_adapter(net: nn.Module, name: str, rank: int, alpha: float, target
     from peft import inject_adapter_in_model
 
     from fewstep.models.lora import lora_config
+    from fewstep.models.student import fp32_trainable
 
     before = {id(m): (m._active_adapter, m._disable_adapters) for m in tuner_layers(net)}
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
@@ -124,7 +125,7 @@ def add_named_adapter(net: nn.Module, name: str, rank: int, alpha: float, target
         p.requires_grad_(grads.get(n, False))
     for m in tuner_layers(net):
         m._active_adapter, m._disable_adapters = before.get(id(m), ([name], True))
-    params = adapter_parameters(net, name)
-    for p in params.values():
+    for p in adapter_parameters(net, name).values():
         p.requires_grad_(True)
-    return params
+    fp32_trainable(net)   # replaces half-precision Parameters: collect them afterwards
+    return adapter_parameters(net, name)

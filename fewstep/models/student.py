@@ -19,12 +19,22 @@ def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], in
 
     net.requires_grad_(False)
     lora.add_lora(net, lora.lora_config(list(targets), rank, alpha))
+    fp32_trainable(net)
     if init_scale > 0:
         gen = torch.Generator().manual_seed(seed)
         for name, p in net.named_parameters():
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=gen) * init_scale)
     return net
+
+
+def fp32_trainable(net: nn.Module) -> None:
+    """Trainable parameters in float32 whatever the frozen base's dtype: peft creates adapters in the base layer's
+    dtype, and Adam on fp16 weights underflows its second moment into NaN (seen on an fp16 SD1.5 teacher). peft
+    runs the adapter in its own dtype and casts the result back, so the base stays fp16/bf16."""
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(net, dtype=torch.float32)
 
 
 def lora_config_dict(net: nn.Module, name: str | None = None) -> dict:
