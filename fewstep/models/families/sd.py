@@ -22,9 +22,10 @@ def guidance_embedding(net: nn.Module, cond: Cond, batch: int, device: torch.dev
         LatentConsistencyModelPipeline)
 
     w = cond.get("guidance")
-    w = torch.ones(batch, device=device) if w is None else w.to(device).float().reshape(-1).expand(batch)
+    w = torch.ones(batch) if w is None else w.detach().float().cpu().reshape(-1).expand(batch)
+    # diffusers builds its frequency table on the CPU, so the scales go in on the CPU (as its pipelines pass them)
     emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=dim)
-    return emb.to(device)
+    return emb.to(device, non_blocking=True)
 
 
 def vp_teacher_times(pipe: Any, steps: int) -> Tensor:
