@@ -19,11 +19,13 @@ MEMO_MAX_ENTRIES = 256
 
 
 def bcast(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-sample vector [B] (or scalar) so it broadcasts against `like` [B, ...]."""
-    v = torch.as_tensor(v, device=like.device)
-    if v.ndim == 0:
-        return v.to(like.dtype)
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    """Reshape a per-sample vector [B] (or scalar) so it broadcasts against `like` [B, ...], on its device and in its
+    dtype. Host values go over without a stream synchronisation (non_blocking): a sampling loop keeps its times on
+    the CPU, and a blocking copy per coefficient would stall the GPU queue at every step."""
+    v = torch.as_tensor(v)
+    if v.ndim:
+        v = v.reshape(-1, *([1] * (like.ndim - 1)))
+    return v.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 def snap_to_int(v: Tensor, tol: float = 1e-3) -> Tensor:

@@ -36,8 +36,8 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = t.expand(len(x_t)) if t.ndim == 0 else t
-        alpha, sigma = (bcast(v.to(x_t.device), x_t.float()) for v in self.schedule.alpha_sigma(t))
-        timestep = self.schedule.model_timestep(t).to(x_t.device)
+        alpha, sigma = (bcast(v, x_t.float()) for v in self.schedule.alpha_sigma(t))
+        timestep = self.schedule.model_timestep(t).to(x_t.device, non_blocking=True)
         with _autocast(x_t.device, self.autocast_dtype):
             out = self.call(self.net, x_t.to(self.dtype), timestep, cond)
         return to_x0(out.float(), x_t.float(), alpha, sigma, self.prediction)

@@ -19,10 +19,11 @@ def sample(denoiser: nn.Module | Callable[..., Tensor], noise: Tensor, times: Te
     """Integrate from times[0] to times[-1] (= 0), e.g. times = tensor([1.0, 0.75, 0.5, 0.25, 0.0]).
 
     Each iteration asks the denoiser for x0 at the current time and lets `step` move to the next time (the steps
-    in `fewstep.sampling.steps`). `generator` feeds stochastic steps; `callback(i=, t=, x=, x0=)` observes.
+    in `fewstep.sampling.steps`). The times handed to both are CPU tensors whatever the device of `noise`: the
+    schedule's coefficients are computed (and memoised) on the host and copied over without synchronising. `generator` feeds stochastic steps; `callback(i=, t=, x=, x0=)` observes.
     """
     x = noise
-    times = times.to(noise.device)
+    times = times.detach().cpu()   # time arithmetic stays on the host: no per-step kernels or synchronisations
     pairs = list(zip(times[:-1], times[1:]))
     for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="sampling", leave=False)):
         tb, tb_next = t.expand(len(x)), t_next.expand(len(x))
