@@ -100,6 +100,8 @@ class Trainer:
             tic = time.perf_counter()
             row = self.train_iteration()
             row["sec_per_step"] = time.perf_counter() - tic
+            if self.acc.device.type == "cuda":   # the allocator's high-water mark so far (what decides an OOM)
+                row["cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
             self.step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})

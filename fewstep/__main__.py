@@ -1,0 +1,4 @@
+"""`python -m fewstep ...` is the `fewstep` command."""
+from fewstep.cli import main
+
+main()
