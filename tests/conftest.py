@@ -21,3 +21,14 @@ def teacher_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "tiny-sd"
     tiny_sd().save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts from a fresh accelerate state, as a new process would: on a CUDA machine a test that ran
+    `Accelerator()` (CUDA) would otherwise make a later `Accelerator(cpu=True)` raise."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -51,7 +51,8 @@ def test_shards_are_disjoint_and_complete(n, world):
 def test_toy_eval_end_to_end(stats_dir, tmp_path, capsys):
     out, results = tmp_path / "eval", tmp_path / "results.md"
     argv = ["eval", "toy-digits", "--protocol", "toy-digits", "--steps", "1,2", "--num-images", str(N), "--guidance",
-            "2", "--out", str(out), "--no-progress", "--results", str(results), "--section", "toy-eval"]
+            "2", "--out", str(out), "--no-progress", "--results", str(results), "--section", "toy-eval",
+            "--device", "cpu"]   # the in-memory reference below runs float32 on the CPU
     main(argv)
     printed = capsys.readouterr().out
     doc = json.loads((out / "report.json").read_text())

@@ -309,7 +309,7 @@ def test_image_folder_stats_equals_in_memory(tmp_path, digits_ext):
     assert stats.n == 23
     for got, want in zip(stats.mean_cov(), direct.mean_cov()):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 CNN, other batching
-    torch.testing.assert_close(stats.features, direct.features)
+    torch.testing.assert_close(stats.features, direct.features, rtol=1e-4, atol=1e-5)   # GPU kernels vary by batch
     h = F.hash_folder(tmp_path)
     assert h == F.hash_folder(tmp_path)
     (tmp_path / "00000.png").unlink()
