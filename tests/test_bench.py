@@ -94,6 +94,7 @@ def test_export_compares_against_its_recorded_scheduler(teacher_dir: Path, tmp_p
         assert r.nfe == r.steps and r.stock.forward_rows == r.engine.forward_rows == 2 * r.steps and r.same_work
         assert r.stock_ratio > 0 and math.isfinite(r.stock_ratio)
     assert rows[0].times == spec.times   # the export's own grid at its step count
+    assert rows[0].model == f"{tmp_path.name}/export"   # an export is named with its run folder
     assert "†" not in markdown_table(rows)
     rows[0].stock.forward_rows += 1
     assert "†" in markdown_table(rows)   # unequal work is flagged, not hidden

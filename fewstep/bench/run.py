@@ -174,6 +174,16 @@ def measure_cases(cases: list[Case], net: nn.Module, device: str, warmup: int, r
     return out
 
 
+def model_label(model: str) -> str:
+    """A folder's name for the table, with its run folder when it is an `export` (runs/dmd2-toy/export ->
+    dmd2-toy/export); a preset name as given."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.name == "export" else path.name
+
+
 def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: BenchOptions | None = None,
               **overrides: Any) -> list[BenchRow]:
     """Benchmark MODEL (preset, pipeline folder or export folder) at every steps x batch size.
@@ -202,7 +212,7 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
             stub_network(teacher.net, opts.stub_network):
         measured = measure_cases(cases, teacher.net, device, warmup, opts.repeats, compile_mode, opts.progress)
     env = environment(device, teacher, autocast, opts, warmup, compile_mode, loaded_mb)
-    display = Path(model).name if Path(model).is_dir() else model
+    display = model_label(model)
     note = None if scheduler is None else stock_setup_note(meta, teacher, scheduler)
     return [make_row(display, name, case, m, spec.step, spec.guidance_scale, teacher.size, env, note)
             for case, m in zip(cases, measured)]
