@@ -15,7 +15,8 @@ def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     """The recipe's generic settings (LoRA experts, the default grid), not the toy-digits pair preset's."""
     return ["recipe=phased_dmd", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=2",
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
-            "method.critic_rank=4", "student.mode=lora", "method.critic_mode=lora", "sample.timesteps=[]", *extra]
+            "method.critic_rank=4", "student.mode=lora", "method.critic_mode=lora", "sample.timesteps=[]",
+            "method.real_guidance=2.0", *extra]
 
 
 def test_only_the_current_phase_trains(teacher_dir: Path, tmp_path: Path):
