@@ -51,17 +51,24 @@ def set_attention_backend(net: nn.Module, backend: str) -> ContextManager[None]:
 
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
               "math": SDPBackend.MATH}[backend]
-    return swapped_processors(net, lambda name, proc: PinnedKernel(proc, kernel))
+    return pinned_kernel(net, kernel)
 
 
 @contextmanager
-def swapped_processors(net: nn.Module, make: Any) -> Iterator[None]:
+def restored_processors(net: nn.Module) -> Iterator[dict[str, Any]]:
+    """The network's attention processors (yielded), put back when the block ends whatever it swapped in."""
     saved = dict(net.attn_processors)
-    net.set_attn_processor({name: make(name, proc) for name, proc in saved.items()})
     try:
-        yield
+        yield saved
     finally:
         net.set_attn_processor(saved)
+
+
+@contextmanager
+def pinned_kernel(net: nn.Module, kernel: Any) -> Iterator[None]:
+    with restored_processors(net) as saved:
+        net.set_attn_processor({name: PinnedKernel(proc, kernel) for name, proc in saved.items()})
+        yield
 
 
 def check_xformers() -> None:
@@ -86,12 +93,9 @@ def check_xformers() -> None:
 def xformers_attention(net: nn.Module) -> Iterator[None]:
     """diffusers' xformers processors inside the block, the network's own processors restored after it."""
     check_xformers()
-    saved = dict(net.attn_processors)
-    try:
-        net.enable_xformers_memory_efficient_attention()
-    except (ImportError, ModuleNotFoundError, ValueError) as exc:
-        raise FewstepError(f"attention=xformers failed ({exc}); pip install 'fewstep[xformers]'") from exc
-    try:
+    with restored_processors(net):
+        try:
+            net.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise FewstepError(f"attention=xformers failed ({exc}); pip install 'fewstep[xformers]'") from exc
         yield
-    finally:
-        net.set_attn_processor(saved)
