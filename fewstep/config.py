@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fewstep.errors import FewstepError
+from fewstep.methods import METHOD_CHOICES, METHODS, check_phases
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -106,11 +107,19 @@ def available(subdir: str = "") -> list[str]:
 def _load_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends: one line, no traceback
-        raise FewstepError(f"malformed YAML in {path}: {str(exc).splitlines()[0]}; fix the file's syntax") from exc
+    except Exception as exc:  # yaml.YAMLError and friends: one line with the line and column, no traceback
+        raise FewstepError(f"malformed YAML in {path}{_where(exc)}; fix the file's syntax") from exc
     if not isinstance(cfg, DictConfig):
         raise FewstepError(f"{path} must hold a mapping of keys, not a {type(cfg).__name__}")
     return cfg
+
+
+def _where(exc: Exception) -> str:
+    """': line 3, column 7: expected ',' or ']'' for a YAML error (PyYAML's problem mark is 0-based)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None:
+        return f": {str(exc).splitlines()[0]}"
+    return f": line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
 
 
 def _parse_cli(argv: list[str]) -> DictConfig:
@@ -119,22 +128,30 @@ def _parse_cli(argv: list[str]) -> DictConfig:
         raise FewstepError(f"arguments must be key=value (got {bad[0]!r}); e.g. recipe=lcm model=toy-digits train.steps=200")
     try:
         return OmegaConf.from_dotlist(argv)
-    except OmegaConfBaseException as exc:
-        raise FewstepError(f"cannot parse overrides {argv}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    except Exception as exc:  # OmegaConf and YAML errors in a value such as 'train.betas=[0.9'
+        raise FewstepError(f"cannot parse overrides {' '.join(argv)}{_where(exc)}") from exc
 
 
-def load_config(argv: list[str], recipes: dict[str, type] | None = None, recipe_dir: Path | None = None) -> DictConfig:
-    """`recipe=lcm model=sdxl train.steps=100` -> validated, read-only config (raises FewstepError on bad input)."""
-    from fewstep.recipes import RECIPES
+def recipe_file(recipe: str, recipe_dir: Path) -> tuple[str, Path]:
+    """(recipe name, its YAML): `recipe=dmd2`, `recipe=dmd2.yaml`, or a path to a YAML file of your own
+    (`recipe=configs/my_dmd2.yaml` or `recipe=configs/my_dmd2`; its name is the file's stem)."""
+    name = recipe.removesuffix(".yaml")
+    for path in (recipe_dir / f"{name}.yaml", Path(f"{name}.yaml").expanduser()):
+        if path.is_file():
+            return (name if path.parent.resolve() == recipe_dir.resolve() else path.stem), path
+    raise FewstepError(f"unknown recipe {recipe!r}; choose one of {available()} (files in {recipe_dir}) or pass the "
+                       "path of a YAML file")
 
-    recipes = recipes or RECIPES
+
+def load_config(argv: list[str], methods: dict[str, type] | None = None, recipe_dir: Path | None = None) -> DictConfig:
+    """`recipe=lcm model=sdxl train.steps=100` -> validated, read-only config (raises FewstepError on bad input).
+    Checks keys, types, choices and ranges; never touches the teacher, the data or the output folder (see
+    `fewstep.distill.preflight` for those)."""
+    methods = methods or METHODS
     recipe_dir = recipe_dir or RECIPE_DIR
     cli = _parse_cli(argv)
-    recipe = str(cli.get("recipe", "lcm"))
-    recipe_file = recipe_dir / f"{recipe}.yaml"
-    if not recipe_file.is_file():
-        raise FewstepError(f"unknown recipe {recipe!r}; choose one of {available()} (files in {recipe_dir})")
-    layers = [_load_yaml(recipe_file)]
+    recipe, path = recipe_file(str(cli.get("recipe", "lcm")), recipe_dir)
+    layers = [_load_yaml(path)]
     model = str(cli.get("model", layers[0].get("model", "toy-digits")))
     model_file = recipe_dir / "models" / f"{model}.yaml"
     if not model_file.is_file():
@@ -143,29 +160,30 @@ def load_config(argv: list[str], recipes: dict[str, type] | None = None, recipe_
     pair_file = recipe_dir / recipe / f"{model}.yaml"
     if pair_file.is_file():
         layers.append(_load_yaml(pair_file))
-    return _validate(layers, cli, recipe, model, recipes)
+    return _validate(layers, cli, recipe, model, methods)
 
 
 def load_saved_config(path: Path) -> DictConfig:
     """The config.yaml a run wrote at its start, validated against today's schema."""
-    from fewstep.recipes import RECIPES
-
     raw = _load_yaml(Path(path))
-    return _validate([raw], OmegaConf.create({}), str(raw.get("recipe")), str(raw.get("model")), RECIPES)
+    return _validate([raw], OmegaConf.create({}), str(raw.get("recipe")), str(raw.get("model")), METHODS)
 
 
-def _validate(layers: list[DictConfig], cli: DictConfig, recipe: str, model: str, recipes: dict[str, type]) -> DictConfig:
-    merged_raw = OmegaConf.merge(*layers, cli)
+def _validate(layers: list[DictConfig], cli: DictConfig, recipe: str, model: str, methods: dict[str, type]) -> DictConfig:
+    try:
+        merged_raw = OmegaConf.merge(*layers, cli)
+    except OmegaConfBaseException as exc:
+        raise FewstepError(f"cannot merge the config layers: {str(exc).splitlines()[0]}") from exc
     algorithm = str(merged_raw.get("algorithm", recipe))
-    if algorithm not in recipes:
-        raise FewstepError(f"unknown algorithm {algorithm!r} in recipe {recipe!r}; known: {sorted(recipes)}")
-    schema = OmegaConf.structured(RunConfig(method=recipes[algorithm].Config()))
+    if algorithm not in methods:
+        raise FewstepError(f"unknown algorithm {algorithm!r} in recipe {recipe!r}; known: {sorted(methods)}")
+    schema = OmegaConf.structured(RunConfig(method=methods[algorithm]()))
     try:
         cfg = OmegaConf.merge(schema, *layers, cli, {"recipe": recipe, "model": model, "algorithm": algorithm})
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise FewstepError(_explain(exc, schema)) from exc
-    check_choices(cfg)
+    check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -181,35 +199,87 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> str:
     return f"bad value for {key!r}: {msg}"
 
 
+# diffusers.optimization.SchedulerType's values (tests/test_config.py checks this list against diffusers).
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "piecewise_constant")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("digits", "folder", "prompts"),
     "student.mode": ("lora", "full"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.lr_schedule": LR_SCHEDULES,
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "attention": ("sdpa", "flash", "efficient", "math", "xformers"),
 }
 
+# Lower bounds (inclusive) of numeric settings; `sample.guidance_scale` and `teacher.guidance_scale` follow the
+# stock pipelines, where a scale of 1 switches CFG off and values below 1 are not guidance.
+AT_LEAST: dict[str, float] = {
+    "train.steps": 1, "data.batch_size": 1, "sample.steps": 1, "train.gradient_accumulation_steps": 1,
+    "train.log_every": 1, "sample.grid_size": 1, "train.eval_num_images": 1, "student.lora.rank": 1,
+    "train.warmup_steps": 0, "train.sample_every": 0, "train.checkpoint_every": 0, "train.eval_every": 0,
+    "train.keep_checkpoints": 0, "data.num_workers": 0, "teacher.resolution": 0, "train.weight_decay": 0,
+    "train.grad_clip": 0, "sample.guidance_scale": 1, "teacher.guidance_scale": 1,
+}
+POSITIVE = ("train.lr", "student.lora.alpha")
 
-def check_choices(cfg: DictConfig) -> None:
+
+def check_values(cfg: DictConfig) -> None:
+    """Every choice and range of the run and its method, so a bad value fails at load, not at step N."""
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise FewstepError(f"bad value {key}={value!r}; choose one of {list(allowed)}")
+        _check_choice(key, OmegaConf.select(cfg, key), allowed)
     if cfg.data.source != "digits" and (OmegaConf.is_missing(cfg.data, "path") or cfg.data.path in ("", "???")):
         kind = "a folder of images with metadata.jsonl" if cfg.data.source == "folder" else "a prompt file"
         raise FewstepError(f"data.path is required for data.source={cfg.data.source}: pass data.path=<{kind}>")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise FewstepError(f"config key {missing[0]} must be set for recipe={cfg.recipe}: pass {missing[0]}=<value>")
-    for key in ("train.steps", "data.batch_size", "sample.steps", "train.gradient_accumulation_steps"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise FewstepError(f"{key} must be >= 1 (got {OmegaConf.select(cfg, key)})")
+    for key, low in AT_LEAST.items():
+        if OmegaConf.select(cfg, key) < low:
+            raise FewstepError(f"{key} must be >= {low:g} (got {OmegaConf.select(cfg, key)})")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise FewstepError(f"{key} must be > 0 (got {OmegaConf.select(cfg, key)})")
+    betas = list(cfg.train.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise FewstepError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999] (got {betas})")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise FewstepError(f"train.ema_decay must be in [0, 1) (0 = no EMA; got {cfg.train.ema_decay})")
+    times = list(cfg.sample.timesteps)
+    if any(not 0 < t <= 1 for t in (times[:-1] if times and times[-1] == 0 else times)):
+        raise FewstepError(f"sample.timesteps are times in (0, 1] (1 = pure noise), e.g. [0.999, 0.5]; got {times}")
+    if any(a <= b for a, b in zip(times, times[1:])):
+        raise FewstepError(f"sample.timesteps must decrease towards 0, e.g. [0.999, 0.5]; got {times}")
+    check_method(cfg)
 
 
-def config_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FewstepError(f"bad value {key}={value!r}; choose one of {list(allowed)}")
 
 
-def dump_schema(recipe_cls: Optional[type] = None) -> str:
-    schema = OmegaConf.structured(RunConfig(method=recipe_cls.Config() if recipe_cls else None))
-    return OmegaConf.to_yaml(schema)
+def check_method(cfg: DictConfig) -> None:
+    """The algorithm's own settings: string choices, step ratios, time ranges and cross-setting rules."""
+    method = cfg.method
+    for key, allowed in METHOD_CHOICES.get(cfg.algorithm, {}).items():
+        _check_choice(f"method.{key}", method[key], allowed)
+    for key in method:
+        if key.startswith("critic_steps_per") and method[key] < 1:
+            raise FewstepError(f"method.{key} must be >= 1 (got {method[key]})")
+        if key.endswith("_t_min") and f"{key[:-4]}_t_max" in method:
+            lo, hi = method[key], method[f"{key[:-4]}_t_max"]
+            if not 0 <= lo < hi <= 1:
+                raise FewstepError(f"method.{key} and method.{key[:-4]}_t_max must satisfy 0 <= min < max <= 1 "
+                                   f"(got {lo}, {hi})")
+    if cfg.algorithm == "lcm":
+        if not 1 <= method.guidance_min <= method.guidance_max:
+            raise FewstepError(f"method.guidance_min/max must satisfy 1 <= min <= max (got {method.guidance_min}, "
+                               f"{method.guidance_max})")
+        if method.guidance_embedding and cfg.student.mode != "full":
+            raise FewstepError("method.guidance_embedding=true needs student.mode=full (a LoRA cannot add the "
+                               "embedding layer); set student.mode=full or method.guidance_embedding=false")
+    if cfg.algorithm == "phased_dmd":
+        check_phases(list(method.phase_steps), cfg.sample.steps)
+    if cfg.algorithm == "dmd2" and method.regression_weight > 0 and not method.pairs_path:
+        raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build teacher pairs with "
+                           "`fewstep pairs <teacher> --out DIR` and pass method.pairs_path=DIR")

@@ -24,7 +24,8 @@ def test_model_presets_layer_on_top():
 def test_every_shipped_recipe_and_model_validates():
     for recipe in available():
         for model in available("models"):
-            load_config([f"recipe={recipe}", f"model={model}", "data.path=/x"])
+            load_config([f"recipe={recipe}", f"model={model}", "data.path=/x", "method.pairs_path=/pairs"]
+                        if recipe == "dmd" else [f"recipe={recipe}", f"model={model}", "data.path=/x"])
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -71,3 +72,25 @@ def test_explicit_student_times_move_down_to_the_teacher_table():
     assert round(exact.times[0] * 999, 9) == 499                     # already on the table: unchanged
     with pytest.raises(FewstepError, match="distinct teacher timesteps"):
         inference_spec(load_config(["recipe=dmd2", "sample.timesteps=[0.5,0.4999]"]), teacher, "ddim")
+
+
+def test_every_string_setting_has_its_choices_checked_at_load():
+    """A new string setting must be listed in METHOD_CHOICES (or name a path), so its value is checked when the
+    config loads instead of at the first training step."""
+    from dataclasses import fields
+
+    from fewstep.methods import METHOD_CHOICES, METHODS
+
+    for algorithm, cls in METHODS.items():
+        for f in fields(cls):
+            if f.type in ("str", str) and not f.name.endswith("_path"):
+                assert f.name in METHOD_CHOICES.get(algorithm, {}), (algorithm, f.name)
+                assert getattr(cls(), f.name) in METHOD_CHOICES[algorithm][f.name]
+
+
+def test_lr_schedules_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    from fewstep.config import LR_SCHEDULES
+
+    assert set(LR_SCHEDULES) == {s.value for s in SchedulerType}

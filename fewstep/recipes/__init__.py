@@ -13,7 +13,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec, Recipe
 from fewstep.recipes.dmd2 import DMD2, dmd_student_times
 from fewstep.recipes.lcm import LCM
-from fewstep.recipes.phased_dmd import PhasedDMD, check_phases
+from fewstep.recipes.phased_dmd import PhasedDMD
 
 RECIPES: dict[str, type[Recipe]] = {"lcm": LCM, "dmd2": DMD2, "phased_dmd": PhasedDMD}
 
@@ -81,8 +81,6 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
     from fewstep.models.adapters import STUDENT, adapter_parameters
     from fewstep.recipes.critic import build_critic
 
-    check_choice("method.critic_mode", method.critic_mode, ["lora", "full"])
-    check_choice("method.critic_weighting", method.critic_weighting, ["teacher", "x0", "eps", "v", "flow"])
     targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
     critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
     student, _ = build_student(cfg, teacher)
@@ -99,18 +97,10 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
                 critic_params=critic[2], config=method, inference=spec, student_denoiser=student_den)
 
 
-def check_choice(key: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise FewstepError(f"bad value {key}={value!r}; choose one of {choices}")
-
-
 def build_phased_dmd(cfg: DictConfig, teacher: Teacher, method: Any) -> Recipe:
     """One expert ("phase<k>") and one critic per phase (algorithms.md §4.1): LoRA adapters on the frozen base, or
     full trainable copies (student.mode=full, method.critic_mode=full). Copies are taken from the clean base before
     any adapter is added to it."""
-    check_choice("method.schedule", method.schedule, ["progressive", "alternate"])
-    check_choice("method.critic_mode", method.critic_mode, ["lora", "full"])
-    check_phases(list(method.phase_steps), cfg.sample.steps)
     names = [f"phase{k}" for k in range(len(method.phase_steps))]
     targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
     teacher.net.requires_grad_(False)

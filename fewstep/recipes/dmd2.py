@@ -3,7 +3,6 @@ decoupled-guidance option of §7.1. Roles: the student (few-step generator) and 
 GAN head), updated on two time scales."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 
 from fewstep.diffusion.schedule import Schedule, bcast
 from fewstep.errors import FewstepError
+from fewstep.methods import DMD2Config
 from fewstep.models.denoiser import concat_cond
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import losses as L
@@ -18,35 +18,6 @@ from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, unifo
 from fewstep.pairs import load_pairs
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
 
-
-@dataclass
-class DMD2Config:
-    critic_steps_per_student_step: int = 5   # TTUR ratio N (official: 5 SDXL, 10 SD1.5)
-    real_guidance: float = 2.0               # teacher CFG w_real in the DM term (Imagen convention)
-    dm_t_min: float = 0.02                   # DM timesteps t ~ U[0.02, 0.98] (DMD2 min/max_step_percent)
-    dm_t_max: float = 0.98
-    critic_t_min: float = 0.001              # fake-score denoising timesteps
-    critic_t_max: float = 1.0
-    dm_weight: float = 1.0
-    backward_simulation: bool = True         # inference-like student inputs made by the current student
-    gan_generator_weight: float = 0.0        # 0 switches the GAN term off (official SDXL: 5e-3)
-    gan_critic_weight: float = 0.0           # official: 1e-2
-    gan_t_max: float = 1.0                   # diffusion-GAN noising of the classifier input, t ~ U[0, gan_t_max]
-    gan_head_width: int = 256
-    critic_mode: str = "lora"                # lora (adapter on the shared frozen base) | full (trainable copy)
-    critic_rank: int = 16
-    critic_alpha: float = 16.0
-    critic_lr: float = 0.0                   # 0 = train.lr
-    critic_weighting: str = "teacher"        # denoising loss space: teacher (its own prediction type, as DMD2) | x0 |
-                                             # eps | v | flow; x0 weighs high noise, where global structure forms
-    decoupled: bool = False                  # §7.1: CFG-augmentation and DM terms on separate draws and weights
-    ca_weight: float = 1.0
-    ca_t_min: float = 0.02
-    ca_t_max: float = 0.98
-    norm_min: float = 1e-4                   # clamp of the DMD normaliser mean|x - x0_real| (LightX2V)
-    regression_weight: float = 0.0           # DMD (v1): lambda_reg on teacher noise->image pairs (paper: 0.25)
-    regression_loss: str = "l2"              # l2 | huber, in latent space (LPIPS needs weights fewstep lacks)
-    pairs_path: str = ""                     # folder written by `fewstep pairs`
 
 
 def dmd_student_times(teacher: Teacher, steps: int) -> Tensor:

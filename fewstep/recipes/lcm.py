@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.methods import LCMConfig
 from fewstep.diffusion.schedule import bcast
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
@@ -15,17 +15,6 @@ from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, unifo
 from fewstep.recipes.losses import consistency_loss, ema_update
 from fewstep.sampling.steps import consistency_x0, ddim_transfer
 
-
-@dataclass
-class LCMConfig:
-    num_ddim_timesteps: int = 50        # N: the skipping-step teacher solver grid (k = 1000 / N on DDPM tables)
-    guidance_min: float = 2.0           # teacher CFG scale range, Imagen convention (w = LCM omega + 1)
-    guidance_max: float = 2.0
-    guidance_embedding: bool = False    # full mode: embed w in the student (time_cond_proj_dim), no CFG at inference
-    embedding_dim: int = 256
-    loss: str = "huber"                 # huber | l2
-    huber_c: float = 0.001
-    target_ema_decay: float = 0.95      # full mode: EMA target network theta^-; LoRA mode uses the online student
 
 
 def solver_grid(teacher: Teacher, num_steps: int) -> Tensor:

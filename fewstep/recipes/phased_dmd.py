@@ -5,37 +5,19 @@ learns with the subinterval score-matching target of §4.2. The last phase (s = 
 progressively (phase 0 first) or alternately."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion.schedule import bcast
-from fewstep.errors import FewstepError
+from fewstep.methods import PhasedDMDConfig
 from fewstep.models.adapters import expert_denoiser
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
 from fewstep.recipes.dmd2 import teacher_cond_uncond
 
-
-@dataclass
-class PhasedDMDConfig:
-    phase_steps: list[int] = field(default_factory=lambda: [2, 2])  # student steps per phase, high noise first
-    schedule: str = "progressive"            # progressive (phase 0 for steps/K iterations, then 1, ...) | alternate
-    critic_steps_per_student_step: int = 5
-    real_guidance: float = 2.0
-    margin: float = 0.02                     # sample t > s + margin: the subinterval target blows up as t -> s
-    dm_t_min: float = 0.02                   # for the last phase (s = 0)
-    dm_t_max: float = 0.98
-    critic_t_min: float = 0.001
-    critic_t_max: float = 1.0
-    critic_mode: str = "lora"                # lora (adapter per phase on the frozen base) | full (copy per phase)
-    critic_rank: int = 16
-    critic_alpha: float = 16.0
-    critic_lr: float = 0.0
-    norm_min: float = 1e-4
 
 
 def phase_bounds(phase_steps: list[int], times: list[float]) -> list[tuple[int, int, float]]:
@@ -148,8 +130,3 @@ class PhasedDMD(Recipe):
             target = L.subinterval_target(x_t, anchor, s, t, self.schedule, kind="x0")
         weight = L.denoising_weight(t, self.schedule, self.teacher.prediction)
         return L.critic_denoising_loss(self.critics[k](x_t, t, batch.cond), target, weight)
-
-
-def check_phases(phase_steps: list[int], steps: int) -> None:
-    if not phase_steps or any(n < 1 for n in phase_steps) or sum(phase_steps) != steps:
-        raise FewstepError(f"method.phase_steps={list(phase_steps)} must be positive and sum to sample.steps={steps}")
