@@ -9,8 +9,6 @@ folder per expert, listed under `experts` with its kind ("lora", the default, or
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,8 @@ from fewstep.errors import FewstepError
 from fewstep.models.adapters import expert_network
 from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.paths import EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output  # noqa: F401
 from fewstep.recipes.base import InferenceSpec
-
-SIDECAR = "fewstep.json"
 
 
 def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_dir: Path, recipe: str,
@@ -33,23 +30,29 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     file, or a full network next to one shared pipeline holding everything else."""
     from fewstep.models.lora import save_lora
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fam, pipe = teacher.family, teacher.pipe
-    times = torch.tensor(spec.times, dtype=torch.float64)
-    size = teacher.size
-    sched_name, sched_config = fam.student_scheduler(pipe)
+    fam = teacher.family
+    sched_name, sched_config = fam.student_scheduler(teacher.pipe)
     lora = lora_config_dict(net) if has_lora(net) else None
     kinds: list[str] = []
-    if spec.experts:
-        kinds = save_experts(teacher, net, [name for name, _ in spec.experts], sched_name, sched_config, tmp)
-    elif lora is not None:
-        save_lora(fam, net, tmp)
-    else:
-        save_full_pipeline(teacher, net, sched_name, sched_config, tmp)
-    meta = {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
+    with staged_output(out_dir) as tmp:
+        if spec.experts:
+            kinds = save_experts(teacher, net, [name for name, _ in spec.experts], sched_name, sched_config, tmp)
+        elif lora is not None:
+            save_lora(fam, net, tmp)
+        else:
+            save_full_pipeline(teacher, net, sched_name, sched_config, tmp)
+        (tmp / SIDECAR).write_text(json.dumps(sidecar(teacher, spec, recipe, teacher_name, lora, kinds, extra),
+                                              indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def sidecar(teacher: Teacher, spec: InferenceSpec, recipe: str, teacher_name: str, lora: dict | None,
+            kinds: list[str], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """fewstep.json: how to run the export in a stock pipeline (scheduler, timesteps, guidance, LoRA, experts)."""
+    fam, pipe, size = teacher.family, teacher.pipe, teacher.size
+    sched_name, sched_config = fam.student_scheduler(pipe)
+    times = torch.tensor(spec.times, dtype=torch.float64)
+    return {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
             "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
             "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
@@ -58,15 +61,6 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
             "resolution": size, "lora": None if lora is None else {
                 "rank": lora["r"], "alpha": lora["lora_alpha"], "targets": sorted(lora["target_modules"])},
             **(extra or {})}
-    (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
 
 
 def save_experts(teacher: Teacher, net: nn.Module, names: list[str], sched_name: str, sched_config: dict,
@@ -88,16 +82,14 @@ def save_experts(teacher: Teacher, net: nn.Module, names: list[str], sched_name:
 
 
 def save_named_adapter(teacher: Teacher, net: nn.Module, name: str, out: Path) -> None:
-    """One adapter of a multi-adapter network as a stock diffusers LoRA file (with its alpha metadata)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
+    """One adapter of a multi-adapter network as a stock diffusers LoRA file (with its alpha metadata), in the one
+    key format `load_lora_weights` loads whole (`fewstep.models.lora.save_stock_adapter`)."""
+    from fewstep.models.lora import save_stock_adapter, supports_stock_lora
 
     fam = teacher.family
-    if not hasattr(fam.pipeline_cls, "save_lora_weights"):
+    if not supports_stock_lora(fam.pipeline_cls):
         raise FewstepError(f"{fam.pipeline_cls.__name__} cannot load LoRA files, so phased experts cannot be exported")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net, adapter_name=name))
-    fam.pipeline_cls.save_lora_weights(str(out), **{f"{fam.lora_prefix}_lora_layers": layers,
-                                                     f"{fam.lora_prefix}_lora_adapter_metadata": net.peft_config[name].to_dict()})
+    save_stock_adapter(fam, net, out, adapter_name=name)
 
 
 def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str, sched_config: dict, out: Path) -> None:
@@ -105,24 +97,19 @@ def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str,
     scheduler, as a `save_pretrained` folder."""
     import diffusers
 
-    components = dict(teacher.pipe.components)
+    pipe = teacher.pipe
+    components = dict(pipe.components)
     components[teacher.family.net_attr] = net
     components["scheduler"] = getattr(diffusers, sched_name).from_config(sched_config)
-    type(teacher.pipe)(**components).save_pretrained(str(out), safe_serialization=True)
+    if "requires_safety_checker" in pipe.config:   # keep the teacher's setting (the default True warns on None)
+        components["requires_safety_checker"] = pipe.config.requires_safety_checker
+    type(pipe)(**components).save_pretrained(str(out), safe_serialization=True)
+    index = out / PIPELINE_INDEX      # mark the folder, so it is never taken for a teacher if fewstep.json is lost
+    index.write_text(json.dumps({**json.loads(index.read_text()), EXPORT_MARK: SIDECAR}, indent=2, sort_keys=True) + "\n")
 
 
 def _jsonable(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items()}, default=lambda o: list(o) if hasattr(o, "__iter__") else str(o)))
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    f = Path(path) / SIDECAR
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise FewstepError(f"{f} is not valid JSON ({exc.msg}); re-export with `fewstep export`") from exc
 
 
 def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher, InferenceSpec, dict[str, Any]]:
@@ -154,9 +141,11 @@ def load_phased(path: Path, meta: dict[str, Any], device: str | torch.device) ->
         raise FewstepError(f"{path / SIDECAR} has expert kinds {sorted(kinds)}; expected all 'lora' or all 'full' "
                            "(re-export with `fewstep export <checkpoint>`)")
     if kinds == {"lora"}:
+        from fewstep.models.lora import load_lora
+
         teacher = load_teacher(meta["teacher"], device=device)
         for e in experts:
-            teacher.pipe.load_lora_weights(str(path / e["adapter"]), adapter_name=e["adapter"])
+            load_lora(teacher.family, teacher.pipe, path / e["adapter"], adapter_name=e["adapter"])
         keys: list[Any] = [e["adapter"] for e in experts]
     else:
         from fewstep.models.families import FAMILIES

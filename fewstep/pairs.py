@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from fewstep.cli_args import pick_device
 from fewstep.errors import FewstepError
+from fewstep.paths import staged_output
 from fewstep.models.teacher import Teacher
 from fewstep.sampling.engine import seed_generators
 from fewstep.sampling.generate import generate_latents
@@ -24,8 +26,8 @@ PAIRS_FILE, PROMPTS_FILE = "pairs.safetensors", "prompts.json"
 @torch.no_grad()
 def build_pairs(teacher: Teacher, prompts: list[str], seeds: list[int], steps: int, guidance: float, out: Path,
                 batch_size: int = 64) -> Path:
-    """Write noise [N, C, H, W], target [N, C, H, W] (model latents) and the prompts; written to a temporary file
-    and renamed, so an interrupted build never leaves a half cache."""
+    """Write noise [N, C, H, W], target [N, C, H, W] (model latents) and the prompts into `out`, through a
+    temporary folder renamed into place, so an interrupted build never leaves a half cache."""
     from fewstep.sampling.steps import randn
 
     times = teacher.teacher_times(steps)
@@ -38,12 +40,10 @@ def build_pairs(teacher: Teacher, prompts: list[str], seeds: list[int], steps: i
         noises.append(z.cpu())
         targets.append(generate_latents(teacher, teacher.denoiser(), teacher.net, p, s, times, "ddim", guidance,
                                         noise=z).cpu())
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{PAIRS_FILE}.tmp"
-    save_file({"noise": torch.cat(noises).contiguous(), "target": torch.cat(targets).contiguous()}, str(tmp),
-              metadata={"steps": str(steps), "guidance": str(guidance), "teacher": teacher.name})
-    (out / PROMPTS_FILE).write_text(json.dumps(prompts))
-    tmp.replace(out / PAIRS_FILE)
+    with staged_output(out) as tmp:
+        save_file({"noise": torch.cat(noises).contiguous(), "target": torch.cat(targets).contiguous()},
+                  str(tmp / PAIRS_FILE), metadata={"steps": str(steps), "guidance": str(guidance), "teacher": teacher.name})
+        (tmp / PROMPTS_FILE).write_text(json.dumps(prompts))
     return out / PAIRS_FILE
 
 
@@ -66,9 +66,7 @@ def run_pairs(args: Any) -> Path:
     from fewstep.models.teacher import load_teacher
     from fewstep.sample import choose_prompts
 
-    if args.num < 1:
-        raise FewstepError("--num must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     teacher = load_teacher(args.model, device=device)
     prompts = choose_prompts(args.prompts, args.num, args.model)
     path = build_pairs(teacher, prompts, [args.seed + i for i in range(args.num)], args.steps, args.guidance,

@@ -58,13 +58,9 @@ class ImageTextFolder(Dataset):
 
 
 def read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise FewstepError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise FewstepError(f"prompt file {path} is empty; put one prompt per line")
-    return prompts
+    from fewstep.paths import read_prompt_file
+
+    return read_prompt_file(path)
 
 
 class PromptList(Dataset):

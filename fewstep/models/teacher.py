@@ -1,9 +1,7 @@
 """Load a Diffusers teacher (preset, folder or hub id) and wrap it in fewstep's convention."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,49 +12,37 @@ from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Cond, Denoiser
 from fewstep.models.families import family_for
 from fewstep.models.families.base import Family
+from fewstep.paths import hub_offline, resolve_pretrained
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN = {"toy-digits": ASSETS / "toy-digits"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def resolve_pretrained(spec: str) -> str:
-    """A builtin name, a local folder, or a hub id (refused while offline, with the fix)."""
-    if spec in BUILTIN:
-        path = BUILTIN[spec]
-        if not (path / "model_index.json").is_file():
-            raise FewstepError(f"builtin teacher {spec!r} is missing at {path}; regenerate it with "
-                               "`python scripts/train_toy_teacher.py`")
-        return str(path)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FewstepError(f"{spec} is not a Diffusers pipeline folder (no model_index.json); pass a folder "
-                               "written by `save_pretrained` or a preset name")
-        return str(path)
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    if looks_local:
-        raise FewstepError(f"teacher path {spec!r} does not exist; pass an existing pipeline folder or one of {sorted(BUILTIN)}")
-    if hub_offline():
-        raise FewstepError(f"{spec!r} looks like a hub id but HF_HUB_OFFLINE=1; download it first "
-                           f"(`huggingface-cli download {spec}`) and pass the local folder, or unset HF_HUB_OFFLINE")
-    return spec
-
-
 def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device = "cpu", **components: Any) -> Any:
-    """`components` replace (or fill empty slots of) the saved ones, as in `DiffusionPipeline.from_pretrained`."""
+    """`components` replace (or fill empty slots of) the saved ones, as in `DiffusionPipeline.from_pretrained`.
+
+    Weights load from safetensors only (a pickle `.bin` in the folder is never read). Loads quietly: `dtype=`
+    (diffusers' `torch_dtype=` is deprecated) and the diffusers and transformers loading progress bars off for the
+    call, each put back as it was afterwards."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     source = resolve_pretrained(spec)
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in bars:
+        lib.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], local_files_only=hub_offline(),
-                                                 **components)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=hub_offline(),
+                                                 use_safetensors=True, **components)
     except OSError as exc:
-        raise FewstepError(f"cannot load pipeline {spec!r}: {str(exc).splitlines()[0]}") from exc
+        reason = str(exc).splitlines()[0]
+        fix = ("; fewstep reads safetensors weights only: re-save the pipeline with "
+               "save_pretrained(..., safe_serialization=True)") if ".safetensors" in reason else ""
+        raise FewstepError(f"cannot load pipeline {spec!r}: {reason}{fix}") from exc
+    finally:
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

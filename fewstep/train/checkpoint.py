@@ -17,26 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fewstep.errors import FewstepError
-
-STATE_FILE = "state.json"
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:07d}"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first; temporary folders are ignored."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def latest(root: Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
-
+from fewstep.paths import STATE_FILE, latest, list_checkpoints, resolve_resume, step_dir  # noqa: F401
 
 def _contiguous(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in d.items()}
@@ -82,16 +63,3 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         raise FewstepError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                            "delete it and resume from an earlier checkpoint") from exc
     return tensors, blobs, meta
-
-
-def resolve_resume(spec: str, output_dir: Path) -> Path | None:
-    """resume= '' (fresh run), 'latest' (newest checkpoint under output_dir, or a fresh run if none), or a path."""
-    if not spec:
-        return None
-    if spec == "latest":
-        return latest(output_dir / "checkpoints")
-    path = Path(spec)
-    if not path.is_dir():
-        raise FewstepError(f"resume={spec} does not exist; pass resume=latest or a checkpoint folder such as "
-                           f"{output_dir / 'checkpoints' / 'step-0000100'}")
-    return path
