@@ -1,41 +1,96 @@
-"""`fewstep distill` / `scripts/distill.py`: config -> teacher -> recipe -> trainer -> export."""
+"""`fewstep distill` / `scripts/distill.py`: config -> preflight -> teacher -> recipe -> trainer -> export.
+
+`preflight` checks everything a run reads and writes (config, teacher, data, output folder, resume point)
+before torch or any model loads; the output folder gets its first file (config.yaml) only once the teacher and
+the recipe are built, so a failed start leaves nothing behind.
+"""
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep import paths
 from fewstep.config import load_config, load_saved_config
 from fewstep.errors import FewstepError
-from fewstep.models.attention import set_attention_backend
-from fewstep.models.teacher import BUILTIN, Teacher, load_teacher
-from fewstep.train import checkpoint as ckpt
+
+
+@dataclass
+class Plan:
+    """What a validated `distill` call will do."""
+
+    cfg: DictConfig
+    resume: Path | None            # checkpoint to continue from (None: a fresh run)
+    finished: bool = False         # resume=latest on a run that already reached train.steps and has its export
 
 
 def teacher_reference(spec: str) -> str:
     """What the export records: builtin names and hub ids as given, local folders as absolute paths."""
-    return spec if spec in BUILTIN or not Path(spec).exists() else str(Path(spec).resolve())
+    return spec if spec in paths.BUILTIN or not Path(spec).exists() else str(Path(spec).resolve())
 
 
-def prepare_output(cfg: DictConfig) -> Path | None:
-    """Refuse to clobber a previous run; return the checkpoint to resume from (if any)."""
+def preflight(argv: list[str]) -> Plan:
+    """Validate the whole run without loading anything heavy (well under a second); raises FewstepError."""
+    cfg = load_config(argv)
+    paths.resolve_pretrained(cfg.teacher.pretrained, role="teacher")
+    check_data(cfg)
+    if cfg.train.eval_every:
+        from fewstep.eval.protocols import load_protocol
+
+        load_protocol(cfg.train.eval_protocol, [])   # a bad name fails now, not after hours of training
+    resume = plan_output(cfg)
+    finished = (resume is not None and paths.checkpoint_step(resume) >= cfg.train.steps
+                and paths.read_sidecar(Path(cfg.output_dir) / "export") is not None)
+    return Plan(cfg, resume, finished)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """data.path for folder / prompt sources, and the pairs cache of DMD's regression loss."""
+    if cfg.data.source == "folder":
+        meta = Path(cfg.data.path) / "metadata.jsonl"
+        if not Path(cfg.data.path).is_dir():
+            raise FewstepError(f"data.path={cfg.data.path} is not a folder; pass a folder of images with metadata.jsonl")
+        if not meta.is_file() or not meta.read_text(encoding="utf-8", errors="replace").strip():
+            raise FewstepError(f"data.path={cfg.data.path} has no (or an empty) metadata.jsonl; write one row per "
+                               'image: {"file_name": "0001.png", "text": "a prompt"}')
+    elif cfg.data.source == "prompts":
+        paths.read_prompt_file(cfg.data.path)
+    pairs = OmegaConf.select(cfg, "method.pairs_path", default="")
+    if pairs and OmegaConf.select(cfg, "method.regression_weight", default=0) > 0 and not Path(pairs).is_dir():
+        raise FewstepError(f"method.pairs_path={pairs} does not exist; write it with `fewstep pairs "
+                           f"{cfg.teacher.pretrained} --out {pairs}`")
+
+
+def plan_output(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run into an absent or empty folder. A folder that holds
+    anything else is never reused without resume=..."""
     out = Path(cfg.output_dir)
-    resume = ckpt.resolve_resume(cfg.resume, out)
-    if resume is None and ckpt.list_checkpoints(out / "checkpoints") and cfg.resume != "latest":
-        raise FewstepError(f"{out} already holds checkpoints; pass resume=latest to continue it, or a new output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    return resume
+    if out.exists() and not out.is_dir():
+        raise FewstepError(f"output_dir={out} is a file; pass a folder path")
+    resume = paths.resolve_resume(cfg.resume, out)
+    if resume is not None:
+        return resume
+    if out.is_dir() and any(out.iterdir()):
+        what = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        if cfg.resume == "latest":
+            raise FewstepError(f"resume=latest: {out} holds no complete checkpoint to continue ({what}); pass a new "
+                               "output_dir")
+        raise FewstepError(f"output_dir={out} is not empty ({what}); pass resume=latest to continue that run, or a "
+                           "new output_dir")
+    return None
 
 
-def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> tuple[Teacher, Any, Any]:
+def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> tuple[Any, Any, Any]:
     """Teacher, recipe and dataset. The attention backend is entered on `stack` before the recipe copies the
     network (full students and critics inherit its processors) and stays on while the stack is open (without a
     stack, for good)."""
     from fewstep.data.datasets import make_dataset
+    from fewstep.models.attention import set_attention_backend
+    from fewstep.models.teacher import load_teacher
     from fewstep.recipes import build_recipe
 
     teacher = load_teacher(cfg.teacher.pretrained, cfg.teacher.dtype, device)
@@ -46,75 +101,128 @@ def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> t
     return teacher, recipe, dataset
 
 
-def run(argv: list[str]) -> Path:
+def make_accelerator(cfg: DictConfig) -> Any:
+    import torch
     from accelerate import Accelerator
+
+    fp16 = cfg.train.mixed_precision == "fp16"
+    if fp16 and not torch.cuda.is_available():
+        raise FewstepError("train.mixed_precision=fp16 needs a CUDA device (none here); use train.mixed_precision=bf16 "
+                           "or no")
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=list(cfg.train.trackers) or None,
+                      project_dir=str(cfg.output_dir))
+    if fp16 and acc.device.type != "cuda":
+        raise FewstepError(f"train.mixed_precision=fp16 needs a CUDA device (this run is on {acc.device.type}); use "
+                           "train.mixed_precision=bf16 or no")
+    return acc
+
+
+def run(argv: list[str]) -> Path:
+    plan = preflight(argv)
+    cfg, out = plan.cfg, Path(plan.cfg.output_dir)
+    if plan.finished:
+        print(f"{out} already finished at step {paths.checkpoint_step(plan.resume)} (train.steps="
+              f"{cfg.train.steps}); its export is {out / 'export'}. Raise train.steps to train on.")
+        return out / "export"
+    if cfg.resume == "latest" and plan.resume is None:
+        print(f"resume=latest: no checkpoint in {out}; starting a fresh run", flush=True)
     from accelerate.utils import set_seed
 
-    cfg = load_config(argv)
-    if cfg.train.eval_every:
-        from fewstep.eval.protocols import load_protocol
-
-        load_protocol(cfg.train.eval_protocol, [])   # a bad name fails now, not after hours of training
-    out = Path(cfg.output_dir)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=list(cfg.train.trackers) or None,
-                      project_dir=str(out))
+    acc = make_accelerator(cfg)
     if acc.num_processes > 1:
         print(f"process {acc.process_index} of {acc.num_processes} ({acc.distributed_type.value}, {acc.device})",
               flush=True)
     set_seed(cfg.train.seed)
-    resume = prepare_output(cfg) if acc.is_main_process else ckpt.resolve_resume(cfg.resume, out)
-    if cfg.train.trackers:
-        acc.init_trackers("fewstep", config=OmegaConf.to_container(cfg, resolve=True))
     from fewstep.train.trainer import Trainer
 
+    tic = time.perf_counter()
     with ExitStack() as stack:
         teacher, recipe, dataset = build_run(cfg, acc.device, stack)
         trainer = Trainer(cfg, recipe, teacher, dataset, acc)
-        if resume is not None:
-            trainer.restore(resume)
-            acc.print(f"resumed from {resume} at step {trainer.step}")
+        if plan.resume is not None:
+            trainer.restore(plan.resume)
+            acc.print(f"resumed from {plan.resume} at step {trainer.step}")
+        elif acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        acc.wait_for_everyone()
+        if cfg.train.trackers:
+            acc.init_trackers("fewstep", config=OmegaConf.to_container(cfg, resolve=True))
         trainer.fit()
         acc.end_training()
         if not acc.is_main_process:
             return out / "export"
-        return finish(cfg, trainer, teacher, recipe)
+        path = finish(cfg, trainer, teacher, recipe)
+    print(summary(out, path, trainer.step, time.perf_counter() - tic))
+    return path
 
 
-def finish(cfg: DictConfig, trainer: Any, teacher: Teacher, recipe: Any) -> Path:
+def finish(cfg: DictConfig, trainer: Any, teacher: Any, recipe: Any) -> Path:
     from fewstep.export import export_student
     from fewstep.train.report import plot_losses
 
     out = Path(cfg.output_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     trainer.apply_ema()
-    path = export_student(teacher, recipe.export_net(), recipe.inference(), out / "export", cfg.recipe,
+    return export_student(teacher, recipe.export_net(), recipe.inference(), out / "export", cfg.recipe,
                           teacher_reference(cfg.teacher.pretrained), {"train_steps": trainer.step})
-    print(f"export written to {path}")
-    return path
 
 
-def export_from_checkpoint(path: str, out_dir: str | None = None) -> Path:
+def summary(out: Path, export: Path, step: int, seconds: float) -> str:
+    """Where a finished run put what a person looks at, and the next command to try."""
+    meta = paths.read_sidecar(export) or {}
+    kind = "LoRA" if meta.get("lora") else "full weights"
+    grids = sorted((out / "samples").glob("step-*.png"))
+    ckpts = ", ".join(p.name for p in paths.list_checkpoints(out / "checkpoints"))
+    rows = [("export", f"{export}  ({kind}, {meta.get('num_inference_steps')} steps, guidance "
+                       f"{meta.get('guidance_scale')})"),
+            ("samples", f"{grids[-1]}" + (f"  (and {len(grids) - 1} earlier grids)" if len(grids) > 1 else "")
+             if grids else "-"),
+            ("loss curve", str(out / "loss.png") if (out / "loss.png").is_file() else "-"),
+            ("metrics", str(out / "metrics.jsonl")),
+            ("checkpoints", f"{out / 'checkpoints'}/ ({ckpts})")]
+    lines = [f"done: step {step} in {seconds / 60:.1f} min"] + [f"  {k:<12} {v}" for k, v in rows]
+    lines.append(f"next: fewstep sample {export} --out samples/{out.name}")
+    return "\n".join(lines)
+
+
+def checkpoint_to_export(path: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint) for `fewstep export PATH`: a run folder means its newest complete checkpoint."""
+    p = Path(path)
+    usage = "pass a run folder (runs/x) or one of its checkpoints (runs/x/checkpoints/step-0001000)"
+    if not p.exists():
+        raise FewstepError(f"checkpoint path {path} does not exist; {usage}")
+    if (p / "config.yaml").is_file():
+        ck = paths.latest(p / "checkpoints")
+        if ck is None:
+            raise FewstepError(f"run folder {p} has no complete checkpoint to export yet")
+        return p, ck
+    if not (p / paths.STATE_FILE).is_file():
+        raise FewstepError(f"{path} is neither a run folder (config.yaml) nor a complete checkpoint "
+                           f"({paths.STATE_FILE}); {usage}")
+    if not (p.parent.parent / "config.yaml").is_file():
+        raise FewstepError(f"checkpoint {path} is not inside a run folder (no {p.parent.parent / 'config.yaml'}); "
+                           f"{usage}")
+    return p.parent.parent, p
+
+
+def export_from_checkpoint(path: str, out_dir: str | None = None, overwrite: bool = False) -> Path:
     """Rebuild the export of any checkpoint: `fewstep export runs/x/checkpoints/step-0000200` (or a run folder,
-    meaning its newest checkpoint)."""
+    meaning its newest checkpoint), by default into `runs/x/exports/step-0000200`, outside the checkpoint folder
+    that rotation may delete."""
+    run_dir, ck = checkpoint_to_export(path)
+    dest = paths.claim_output(Path(out_dir) if out_dir else run_dir / "exports" / ck.name, "--out", overwrite)
+    cfg = load_saved_config(run_dir / "config.yaml")
     from accelerate import Accelerator
 
-    p = Path(path)
-    run_dir = p if (p / "config.yaml").is_file() else p.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise FewstepError(f"{path} is neither a run folder nor a checkpoint inside one (no config.yaml found)")
-    ck = ckpt.latest(p / "checkpoints") if p == run_dir else p
-    if ck is None:
-        raise FewstepError(f"{run_dir} has no complete checkpoint to export")
-    cfg = load_saved_config(run_dir / "config.yaml")
-    acc = Accelerator()
-    teacher, recipe, dataset = build_run(cfg, acc.device)
     from fewstep.export import export_student
     from fewstep.train.trainer import Trainer
 
+    acc = Accelerator()
+    teacher, recipe, dataset = build_run(cfg, acc.device)
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)
     trainer.restore(ck)
     trainer.apply_ema()
-    dest = Path(out_dir) if out_dir else ck / "export"
     return export_student(teacher, recipe.export_net(), recipe.inference(), dest, cfg.recipe,
                           teacher_reference(cfg.teacher.pretrained), {"train_steps": trainer.step})
 
@@ -122,6 +230,6 @@ def export_from_checkpoint(path: str, out_dir: str | None = None) -> Path:
 def main() -> None:  # scripts/distill.py
     import sys
 
-    from fewstep.cli import guarded
+    from fewstep.errors import guarded
 
     guarded(lambda: run(sys.argv[1:]))

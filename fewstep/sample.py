@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from fewstep.data.datasets import read_prompts
 from fewstep.errors import FewstepError
-from fewstep.export import load_export, read_sidecar
+from fewstep import paths
+from fewstep.cli_args import pick_device
+from fewstep.export import load_export
 from fewstep.models.attention import set_attention_backend
 from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
@@ -25,8 +27,7 @@ TEACHER_DEFAULT_STEPS = 50
 
 def resolve_model(model: str, steps: int | None, guidance: float | None, device: str) -> tuple[Teacher, InferenceSpec, str]:
     """(teacher bundle carrying the network to sample, sampler spec, teacher name)."""
-    meta = read_sidecar(Path(model)) if Path(model).is_dir() else None
-    if meta is not None:
+    if paths.model_kind(model) == "export":
         teacher, spec, meta = load_export(Path(model), device)
         if steps is not None and steps != len(spec.times) - 1:
             spec.times = [float(t) for t in teacher.student_times(steps)]
@@ -34,7 +35,7 @@ def resolve_model(model: str, steps: int | None, guidance: float | None, device:
             spec.guidance_scale = guidance
         return teacher, spec, str(meta["teacher"])
     teacher = load_teacher(model, device=device)
-    n = steps or TEACHER_DEFAULT_STEPS
+    n = TEACHER_DEFAULT_STEPS if steps is None else steps
     spec = InferenceSpec(times=[float(t) for t in teacher.teacher_times(n)], step="ddim",
                          guidance_scale=1.0 if guidance is None else guidance)
     return teacher, spec, model
@@ -75,12 +76,10 @@ def precision_dtype(precision: str, device: str) -> torch.dtype | None:
 
 
 def run_sample(args: Any) -> Path:
-    out = Path(args.out)
-    if (out / "metadata.jsonl").exists():
-        raise FewstepError(f"{out} already holds samples (metadata.jsonl); pass a new --out or delete it first")
-    if args.num_images < 1:
-        raise FewstepError("--num-images must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Images and metadata.jsonl into `--out`, written into a temporary folder and moved into place when all are
+    done, so an interrupted or failed run leaves `--out` as it was."""
+    out = paths.claim_output(args.out, "--out", getattr(args, "overwrite", False))
+    device = pick_device(args.device)
     teacher, spec, name = resolve_model(args.model, args.steps, args.guidance, device)
     teacher.autocast_dtype = precision_dtype(args.precision, device)
     nets = networks(teacher)
@@ -90,9 +89,9 @@ def run_sample(args: Any) -> Path:
     prompts = choose_prompts(args.prompts, args.num_images, name)
     seeds = [args.seed + i for i in range(args.num_images)]
     times = torch.tensor(spec.times, dtype=torch.float64)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     with ExitStack() as stack:
+        tmp = stack.enter_context(paths.staged_output(out))
         for net in nets:
             stack.enter_context(set_attention_backend(net, args.attention))
         for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
@@ -101,9 +100,9 @@ def run_sample(args: Any) -> Path:
                                    spec.guidance_scale)
             for j, img in enumerate(teacher.family.decode(teacher.pipe, lat).cpu()):
                 k = i + j
-                to_pil(img, name in GRAYSCALE_TEACHERS).save(out / f"{k:05d}.png")
+                to_pil(img, name in GRAYSCALE_TEACHERS).save(tmp / f"{k:05d}.png")
                 rows.append({"file": f"{k:05d}.png", "prompt": prompts[k], "seed": seeds[k],
                              "steps": len(spec.times) - 1, "guidance": spec.guidance_scale})
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} images to {out}")
     return out

@@ -74,7 +74,7 @@ def test_cli_writes_coherent_json_and_markdown_with_stock_ratio(teacher_dir: Pat
     with pytest.raises(SystemExit) as info:
         main(["bench", str(teacher_dir), "--steps", "1", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(err) == 1 and "already holds bench.json" in err[0]
+    assert info.value.code == 2 and len(err) == 1 and "already exists and is not empty" in err[0]
     assert (out / "bench.json").read_text() == before
 
 
@@ -149,7 +149,7 @@ def test_cuda_only_flags_on_cpu_are_one_line_exit_2(flags: list[str], tmp_path: 
 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps '0'"),
                                            (["--batch-sizes", "a,b"], "--batch-sizes"),
-                                           (["--repeats", "0"], "--repeats and --warmup")])
+                                           (["--repeats", "0"], "--repeats: must be >= 1")])
 def test_bad_lists_and_counts_are_one_line_exit_2(argv: list[str], message: str, capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "toy-digits", "--no-progress", *argv])
@@ -186,3 +186,49 @@ def test_weights_dtype_casts_every_component_and_is_recorded(teacher_dir: Path):
     assert row.same_work and row.engine.nfe == row.stock.nfe == 4
     with pytest.raises(FewstepError, match="--dtype 'half' is not one of"):
         run_bench(str(teacher_dir), [1], [1], repeats=1, dtype="half", **QUIET)
+
+
+def test_environment_records_load_average_and_threads(teacher_dir: Path):
+    row = run_bench(str(teacher_dir), [1], [1], repeats=1, **QUIET)[0]
+    env = row.env
+    assert env["load_average_1m"] is not None and env["load_average_1m"] >= 0
+    assert env["torch_threads"] == torch.get_num_threads() and env["threads_requested"] is None
+    assert f"load average {env['load_average_1m']:.2f} on {env['cpu_count']} cores" in describe_env([row])
+
+
+@pytest.mark.parametrize("load, warned", [(99.0, True), (0.0, False)])
+def test_busy_machine_warns_once_before_timing(load: float, warned: bool, teacher_dir: Path, monkeypatch, capsys):
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    env = run_bench(str(teacher_dir), [1], [1], repeats=1, **QUIET)[0].env
+    err = [line for line in capsys.readouterr().err.splitlines() if "load average" in line]
+    assert env["load_average_1m"] == load
+    if warned:
+        assert err == ["warning: load average 99.0 on 2 cores: another job is running, timings will be noisy; "
+                       "run benchmarks alone"]
+    else:
+        assert err == []
+
+
+def test_threads_option_is_applied_recorded_and_restored(teacher_dir: Path, tmp_path: Path, capsys):
+    before = torch.get_num_threads()
+    out = tmp_path / "bench"
+    torch.set_num_threads(2)   # conftest runs tests on one thread; start elsewhere so --threads 1 shows
+    try:
+        main(["bench", str(teacher_dir), "--device", "cpu", "--steps", "1", "--repeats", "1", "--threads", "1",
+              "--prompts", str(_prompts_file(tmp_path)), "--out", str(out), "--no-progress"])
+        assert torch.get_num_threads() == 2   # put back after the run
+    finally:
+        torch.set_num_threads(before)
+    env = json.loads((out / "bench.json").read_text())["env"]
+    assert env["threads_requested"] == 1 and env["torch_threads"] == 1 and "load_average_1m" in env
+    assert "diffusers " + env["diffusers"] + ", 1 threads, load average" in (out / "bench.md").read_text()
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(teacher_dir), "--threads", "0", "--no-progress"])
+    assert info.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def _prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path

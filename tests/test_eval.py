@@ -79,7 +79,7 @@ def test_toy_eval_end_to_end(stats_dir, tmp_path, capsys):
     assert len(table) == 2 and all(line in printed for line in table)
     section = results.read_text()
     assert "<!-- BEGIN toy-eval -->" in section and "fewstep " + " ".join(argv) in section and table[0] in section
-    assert "already holds report.json" in fails(argv, capsys)   # never overwrites a report
+    assert "already exists and is not empty" in fails(argv, capsys)   # never overwrites a report
 
     # the streamed FID equals the metric code run on the same images held in memory
     from fewstep.data.digits import class_balanced_prompts
@@ -202,9 +202,9 @@ def test_teacher_and_student_options_are_separate(tmp_path):
 
     export = tmp_path / "export"
     export.mkdir()
-    (export / "fewstep.json").write_text('{"recipe": "lcm"}')
+    (export / "fewstep.json").write_text('{"recipe": "lcm", "times": [1.0, 0.0]}')
     opts = EvalOptions(steps=[1, 2, 4, 8, 50], guidance=2.0, student_steps=None, student_guidance=None)
-    assert export_meta("toy-digits") is None and export_meta(str(export)) == {"recipe": "lcm"}
+    assert export_meta("toy-digits") is None and export_meta(str(export)) == {"recipe": "lcm", "times": [1.0, 0.0]}
     assert model_settings(export_meta("toy-digits"), opts) == ([1, 2, 4, 8, 50], 2.0)
     assert model_settings(export_meta(str(export)), opts) == (None, None)   # the export's own steps and guidance
     assert model_settings(export_meta(str(export)), EvalOptions(student_steps=[2], student_guidance=1.5)) == ([2], 1.5)

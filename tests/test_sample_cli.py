@@ -36,7 +36,7 @@ def test_existing_output_is_not_overwritten(tmp_path: Path, capsys):
     before = (out / "metadata.jsonl").read_text()
     with pytest.raises(SystemExit) as info:
         main(["sample", "toy-digits", "--out", str(out), "--num-images", "1", "--steps", "2"])
-    assert info.value.code == 2 and "already holds samples" in capsys.readouterr().err
+    assert info.value.code == 2 and "already exists and is not empty" in capsys.readouterr().err
     assert (out / "metadata.jsonl").read_text() == before
 
 

@@ -15,7 +15,8 @@ from fewstep.errors import FewstepError
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=lcm", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
             "sample.grid_size=4", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
-            "student.lora.alpha=8", "method.num_ddim_timesteps=10", "student.mode=lora", *extra]
+            "student.lora.alpha=8", "method.num_ddim_timesteps=10", "student.mode=lora", "student.lora.targets=[]",
+            *extra]
 
 
 def losses(out: Path) -> list[float]:
@@ -45,7 +46,7 @@ def test_existing_run_is_not_overwritten(teacher_dir: Path, tmp_path: Path):
     out = tmp_path / "r"
     run(argv(teacher_dir, out, "train.steps=1"))
     before = (out / "checkpoints" / "step-0000001" / "trainable-student.safetensors").read_bytes()
-    with pytest.raises(FewstepError, match="already holds checkpoints; pass resume=latest"):
+    with pytest.raises(FewstepError, match="is not empty .*; pass resume=latest"):
         run(argv(teacher_dir, out, "train.steps=1"))
     with pytest.raises(FewstepError, match="student.lora.rank=4 but this run has student.lora.rank=8"):
         run(argv(teacher_dir, out, "train.steps=2", "resume=latest", "student.lora.rank=8"))

@@ -77,6 +77,12 @@ def markdown_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_note(env: dict[str, Any]) -> str:
+    """'load average 0.42 on 2 cores, ' (empty where bench.json has no load average)."""
+    load = env.get("load_average_1m")
+    return "" if load is None else f"load average {load:.2f} on {env.get('cpu_count')} cores, "
+
+
 def describe_env(rows: list[BenchRow]) -> str:
     """One line naming the hardware, versions, threads, dtype and protocol of a run."""
     if not rows:
@@ -85,7 +91,8 @@ def describe_env(rows: list[BenchRow]) -> str:
     dtype = e["net_dtype"] + (f" + {e['autocast_dtype']} autocast" if e["autocast_dtype"] else "")
     mem = "CUDA max allocated" if e["memory"] == "cuda_max_allocated" else "process RSS"
     return (f"{e['device_name']} ({e['device']}), torch {e['torch']}, diffusers {e['diffusers']}, "
-            f"{e['torch_threads']} threads, {dtype}, attention {e['attention']}, compile {e['compile'] or 'off'}"
+            f"{e['torch_threads']} threads, {load_note(e)}{dtype}, attention {e['attention']}, "
+            f"compile {e['compile'] or 'off'}"
             f"{STUB_NOTE if e.get('stub_network') else ''}; "
             f"guidance {_num(r.guidance)}, {r.resolution}px, sampler {r.sampler}; {e['warmup']} warm-up + "
             f"{e['repeats']} timed runs; memory = {mem}; stock ratio = stock median / engine median")

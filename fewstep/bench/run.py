@@ -4,26 +4,30 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.bench.measure import Case, Measurement, count_case, current_memory_mb, time_case
-from fewstep.bench.report import (RESULTS_JSON, RESULTS_MD, BenchRow, check_out, describe_env, make_row,
+from fewstep.bench.report import (RESULTS_JSON, RESULTS_MD, BenchRow, describe_env, make_row,
                                   markdown_table, write_results)
 from fewstep.bench.sides import (bench_prompts, compile_net, engine_side, grid_for, net_autocast, stock_scheduler,
                                  stock_setup_note, stock_side, stub_network)
+from fewstep.cli_args import int_list as parse_int_list
+from fewstep.cli_args import pick_device
 from fewstep.errors import FewstepError
-from fewstep.export import read_sidecar
+from fewstep.paths import claim_output, read_sidecar, staged_output
 from fewstep.models.attention import CUDA_ONLY, set_attention_backend
 from fewstep.models.teacher import DTYPES, Teacher
 from fewstep.sample import networks, precision_dtype, resolve_model
 
-
+BUSY_LOAD_PER_CORE = 0.5   # a 1-minute load average above this x cores: something else is running
 
 
 @dataclass
@@ -45,26 +49,7 @@ class BenchOptions:
     seed: int = 0                       # image i of a batch uses seed + i
     progress: bool = True               # tqdm bar on stderr
     stub_network: bool = False          # the network returns its input: times loop, encoding and decoding only
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    """'1,4,50' -> [1, 4, 50]; anything else is a FewstepError naming the flag."""
-    try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise FewstepError(f"{flag} {text!r} is not a comma-separated list of positive integers; "
-                           f"pass e.g. {flag} 1,4,50")
-    return values
-
-
-def pick_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FewstepError(f"--device {device} but CUDA is not available here; use --device cpu")
-    return device
+    threads: int | None = None          # torch.set_num_threads for the run (None: torch's default)
 
 
 def validate(steps: list[int], batch_sizes: list[int], opts: BenchOptions, device: str) -> None:
@@ -73,6 +58,8 @@ def validate(steps: list[int], batch_sizes: list[int], opts: BenchOptions, devic
         raise FewstepError("--steps and --batch-sizes need positive integers, e.g. --steps 1,4 --batch-sizes 1,8")
     if opts.repeats < 1 or opts.warmup < 1:
         raise FewstepError("--repeats and --warmup must be >= 1 (the first warm-up run also counts network calls)")
+    if opts.threads is not None and opts.threads < 1:
+        raise FewstepError(f"--threads {opts.threads} must be >= 1; pass e.g. --threads 1")
     if opts.dtype not in DTYPES:
         raise FewstepError(f"--dtype {opts.dtype!r} is not one of {sorted(DTYPES)}; pass e.g. --dtype bfloat16")
     if opts.stub_network and (opts.compile or opts.cuda_graphs):
@@ -104,8 +91,37 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(load: float | None, cores: int | None) -> str | None:
+    """One line when the machine is busy (load above BUSY_LOAD_PER_CORE x cores), else None."""
+    if load is None or not cores or load <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (f"warning: load average {load:.1f} on {cores} cores: another job is running, timings will be noisy; "
+            "run benchmarks alone")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch.set_num_threads(n) inside the block (nothing when n is None), the previous count restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
+
+
 def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opts: BenchOptions, warmup: int,
-                compile_mode: str | None, loaded_mb: float) -> dict[str, Any]:
+                compile_mode: str | None, loaded_mb: float, load: float | None) -> dict[str, Any]:
     """What the numbers depend on: hardware, library versions, threads, dtypes, switches."""
     import diffusers
 
@@ -113,6 +129,7 @@ def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opt
            "diffusers": diffusers.__version__, "python": platform.python_version(),
            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+           "threads_requested": opts.threads, "load_average_1m": load,
            "net_dtype": str(next(teacher.net.parameters()).dtype).replace("torch.", ""),
            "autocast_dtype": None if autocast is None else str(autocast).replace("torch.", ""),
            "precision": opts.precision, "weights_dtype": opts.dtype, "attention": opts.attention, "compile": compile_mode,
@@ -194,6 +211,13 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
     opts = replace(options or BenchOptions(), **overrides)
     device = pick_device(opts.device)
     validate(steps, batch_sizes, opts, device)
+    with torch_threads(opts.threads):
+        return bench_rows(model, steps, batch_sizes, opts, device)
+
+
+def bench_rows(model: str, steps: list[int], batch_sizes: list[int], opts: BenchOptions,
+               device: str) -> list[BenchRow]:
+    """run_bench after validation: load, build the cases, warn when the machine is busy, time, collect rows."""
     teacher, spec, name = resolve_model(model, None, opts.guidance, device)
     cast_weights(teacher, opts.dtype)
     meta = read_sidecar(Path(model)) if Path(model).is_dir() else None
@@ -208,10 +232,14 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
     scheduler = stock_scheduler(teacher, meta) if opts.compare_stock else None
     cases = build_cases(teacher, meta, spec.step, spec.guidance_scale, steps, batch_sizes, prompts, opts.seed,
                         scheduler)
+    load = load_average()
+    warning = load_warning(load, os.cpu_count())
+    if warning:
+        print(warning, file=sys.stderr)
     with set_attention_backend(teacher.net, opts.attention), net_autocast(teacher.net, autocast), \
             stub_network(teacher.net, opts.stub_network):
         measured = measure_cases(cases, teacher.net, device, warmup, opts.repeats, compile_mode, opts.progress)
-    env = environment(device, teacher, autocast, opts, warmup, compile_mode, loaded_mb)
+    env = environment(device, teacher, autocast, opts, warmup, compile_mode, loaded_mb, load)
     display = model_label(model)
     note = None if scheduler is None else stock_setup_note(meta, teacher, scheduler)
     return [make_row(display, name, case, m, spec.step, spec.guidance_scale, teacher.size, env, note)
@@ -219,22 +247,23 @@ def run_bench(model: str, steps: list[int], batch_sizes: list[int], options: Ben
 
 
 def run_bench_cli(args: Any) -> list[BenchRow]:
-    """`fewstep bench`: parse the lists, refuse an existing bench.json before any work, run, print, write."""
+    """`fewstep bench`: parse the lists, refuse a used --out before any work (unless --overwrite), run, print, write
+    (into a temporary folder renamed into place)."""
     steps = parse_int_list(args.steps, "--steps")
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        check_out(out)
+    out = claim_output(args.out, "--out", getattr(args, "overwrite", False)) if args.out else None
     rows = run_bench(args.model, steps, batch_sizes, guidance=args.guidance, repeats=args.repeats,
                      warmup=args.warmup, compare_stock=args.compare_stock, device=args.device,
                      precision=args.precision, dtype=args.dtype, attention=args.attention, compile=args.compile,
                      cuda_graphs=args.cuda_graphs, prompts=args.prompts, seed=args.seed,
-                     progress=not args.no_progress, stub_network=args.stub_network)
+                     progress=not args.no_progress, stub_network=args.stub_network,
+                     threads=getattr(args, "threads", None))
     print(describe_env(rows))
     print()
     print(markdown_table(rows), end="")
     if out is not None:
-        write_results(rows, out)
+        with staged_output(out) as tmp:
+            write_results(rows, tmp)
         print(f"wrote {out / RESULTS_JSON} and {out / RESULTS_MD}")
     if getattr(args, "results", None):
         from fewstep.metrics.toy_report import write_section

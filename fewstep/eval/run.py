@@ -20,10 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.errors import FewstepError
+from fewstep.paths import claim_output
 from fewstep.eval import references as refs
 from fewstep.eval import report, scoring
 from fewstep.eval.protocols import Protocol, build_prompts, load_protocol
-from fewstep.eval.report import EvalRow, add_speedups, check_out, markdown, write_report
+from fewstep.eval.report import EvalRow, add_speedups, markdown, write_report
 from fewstep.metrics.fid import hash_items
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec
@@ -94,7 +95,7 @@ class Target:
 
 def export_meta(model: str) -> dict | None:
     """The sidecar of an export folder, None for a teacher name or folder."""
-    from fewstep.export import read_sidecar
+    from fewstep.paths import read_sidecar
 
     return read_sidecar(Path(model)) if Path(model).is_dir() else None
 
@@ -259,11 +260,10 @@ def run_eval_cli(args: Any, argv: Sequence[str]) -> list[EvalRow]:
     """`fewstep eval`: refuse an existing report before any work, run, print the table, write (main process)."""
     from accelerate import PartialState
 
-    from fewstep.bench import parse_int_list
+    from fewstep.cli_args import int_list as parse_int_list
     from fewstep.metrics.toy_report import write_section
 
-    out = Path(args.out)
-    check_out(out)
+    out = claim_output(args.out, "--out")
     steps = parse_int_list(args.steps, "--steps") if args.steps else None
     student_steps = parse_int_list(args.student_steps, "--student-steps") if args.student_steps else None
     opts = EvalOptions(steps=steps, guidance=args.guidance, student_steps=student_steps,

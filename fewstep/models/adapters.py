@@ -112,8 +112,9 @@ def add_named_adapter(net: nn.Module, name: str, rank: int, alpha: float, target
     from peft import inject_adapter_in_model
 
     from fewstep.models.lora import lora_config
-    from fewstep.models.student import fp32_trainable
+    from fewstep.models.student import check_lora_targets, fp32_trainable
 
+    check_lora_targets(net, targets)
     before = {id(m): (m._active_adapter, m._disable_adapters) for m in tuner_layers(net)}
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
     config = lora_config(targets, rank, alpha)

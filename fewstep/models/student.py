@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
+from fewstep.errors import FewstepError
 
 
 def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], init_scale: float = 0.0,
@@ -17,6 +17,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], in
     `init_scale > 0` draws lora_B at random so an untrained adapter is not a no-op (used by round-trip tests)."""
     from fewstep.models import lora
 
+    check_lora_targets(net, targets)
     net.requires_grad_(False)
     lora.add_lora(net, lora.lora_config(list(targets), rank, alpha))
     fp32_trainable(net)
@@ -26,6 +27,23 @@ def add_lora(net: nn.Module, rank: int, alpha: float, targets: Sequence[str], in
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=gen) * init_scale)
     return net
+
+
+def check_lora_targets(net: nn.Module, targets: Sequence[str]) -> None:
+    """Every LoRA target names modules of `net` the way peft matches them (the full name or its last parts)."""
+    names = [name for name, _ in net.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        layers = sorted({short_name(n) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+        raise FewstepError(f"student.lora.targets {unknown} match no module of the {type(net).__name__}; use names "
+                           f"such as {layers[:12]}")
+
+
+def short_name(name: str) -> str:
+    """The target name peft matches for a module: its last part, with its parent's where that part is an index
+    (`...attn1.to_out.0` -> `to_out.0`)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def fp32_trainable(net: nn.Module) -> None:

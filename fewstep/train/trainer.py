@@ -192,10 +192,16 @@ class Trainer:
         return scores
 
     def sample_grid(self) -> Path | None:
+        """The preview grid at this step, captioned with the recipe, step and sampling settings, e.g.
+        "lcm · step 250/1000 · 4 steps (t=0.999,0.760,0.499,0.259) · guidance 1.0" (times in [0, 1])."""
         if not self.acc.is_main_process:
             return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
-        save_grid(self.preview_images(), path)
+        spec = self.recipe.inference()
+        times = [float(t) for t in spec.times[:-1]]   # the grid ends at 0, which is not a step
+        caption = (f"{self.cfg.recipe} · step {self.step}/{self.cfg.train.steps} · {len(times)} steps "
+                   f"(t={','.join(f'{t:.3f}' for t in times)}) · guidance {spec.guidance_scale:g}")
+        save_grid(self.preview_images(), path, caption=caption)
         return path
 
     @torch.no_grad()
@@ -258,8 +264,15 @@ class Trainer:
         tensors, blobs, meta = ckpt.load_checkpoint(path)
         check_compatible(meta, self.meta(), path)
         for role in self.roles:
-            load_trainables(self.params[role], tensors.get(f"trainable-{role}", {}), path, role)
+            if f"trainable-{role}" not in tensors:
+                raise FewstepError(f"checkpoint {path} is incomplete: trainable-{role}.safetensors is missing; resume "
+                                   "from an earlier checkpoint (resume=<run>/checkpoints/step-...)")
+            load_trainables(self.params[role], tensors[f"trainable-{role}"], path, role)
         self.recipe.load_extra_state(tensors.get("extra", {}))
+        missing = [f"{stem}.pt" for stem in ("optimizers", "schedulers", "rng") if stem not in blobs]
+        if missing:
+            raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing; resume from an earlier "
+                               "checkpoint (resume=<run>/checkpoints/step-...)")
         for role in self.roles:
             self.optimizers[role].load_state_dict(blobs["optimizers"][role])
             self.schedulers[role].load_state_dict(blobs["schedulers"][role])
