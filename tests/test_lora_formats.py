@@ -35,15 +35,6 @@ UNETS = ("sd", "sdxl")
 STOCK = ("sd", "sdxl", "sd3", "flux")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models run fastest single-threaded on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def diffusers_warnings() -> Any:
     """diffusers' warnings on for one test (tests/conftest.py sets DIFFUSERS_VERBOSITY=error)."""

@@ -65,17 +65,15 @@ def test_stock_snippet_runs_on_the_main_commands_export(tmp_path: Path, monkeypa
 
 
 @pytest.mark.slow
-def test_walkthrough_runs_in_order(tmp_path: Path, monkeypatch, capsys):
-    """Every command of the README's toy walk-through, in its order, with fewer steps and images. The runs keep
-    checkpoints 3 and 4 of 4 instead of 750 and 1000 of 1000, so the export command names step 3."""
+def test_walkthrough_runs_in_order(tmp_path: Path, monkeypatch):
+    """The main command, then every command of the README's toy walk-through in its order, with fewer steps and
+    images. The runs keep checkpoints 3 and 4 of 4 instead of 750 and 1000 of 1000, so the export names step 3."""
     in_sandbox(tmp_path, monkeypatch)
     lines = [line for line in block_after("toy-walkthrough", "bash").splitlines() if line and not line.startswith("#")]
-    assert [shlex.split(line)[1] for line in lines] == ["distill", "sample", "sample", "distill", "export", "eval",
-                                                        "bench"]
-    for line in lines:
-        words = shlex.split(line.replace("step-0000750", "step-0000003"))
-        assert words[0] == "fewstep"
-        main(words[1:] + FAST.get(words[1], []))
+    commands = [main_command()] + [shlex.split(line.replace("step-0000750", "step-0000003"))[1:] for line in lines]
+    assert [c[0] for c in commands] == ["distill", "sample", "sample", "distill", "export", "eval", "bench"]
+    for words in commands:
+        main(words + FAST.get(words[0], []))
     assert (tmp_path / "runs" / "lcm-toy" / "exports" / "step-0000003" / "fewstep.json").is_file()
     assert (tmp_path / "reports" / "toy" / "report.json").is_file()
     assert (tmp_path / "reports" / "bench" / "bench.json").is_file()
