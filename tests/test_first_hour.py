@@ -274,6 +274,10 @@ def test_a_run_folder_points_at_its_export_and_an_export_without_sidecar_is_refu
                                                                                      tmp_path: Path):
     out = tmp_path / "r"
     main(tiny_run(teacher_dir, out, "train.steps=1", "student.mode=full"))
+    index = json.loads((out / "export" / "model_index.json").read_text())
+    teacher_index = json.loads((teacher_dir / "model_index.json").read_text())
+    assert index["_fewstep_export"] == "fewstep.json"
+    assert index.get("requires_safety_checker") == teacher_index.get("requires_safety_checker")
     line = one_error_line(capsys, ["sample", str(out), "--out", str(tmp_path / "s")])
     assert f"did you mean its export, {out / 'export'}?" in line
     (out / "export" / "fewstep.json").unlink()
