@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fewstep.errors import FewstepError
-from fewstep.methods import METHOD_CHOICES, METHODS, check_phases
+from fewstep.methods import METHOD_CHOICES, METHOD_RULES, METHODS
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -271,15 +271,6 @@ def check_method(cfg: DictConfig) -> None:
             if not 0 <= lo < hi <= 1:
                 raise FewstepError(f"method.{key} and method.{key[:-4]}_t_max must satisfy 0 <= min < max <= 1 "
                                    f"(got {lo}, {hi})")
-    if cfg.algorithm == "lcm":
-        if not 1 <= method.guidance_min <= method.guidance_max:
-            raise FewstepError(f"method.guidance_min/max must satisfy 1 <= min <= max (got {method.guidance_min}, "
-                               f"{method.guidance_max})")
-        if method.guidance_embedding and cfg.student.mode != "full":
-            raise FewstepError("method.guidance_embedding=true needs student.mode=full (a LoRA cannot add the "
-                               "embedding layer); set student.mode=full or method.guidance_embedding=false")
-    if cfg.algorithm == "phased_dmd":
-        check_phases(list(method.phase_steps), cfg.sample.steps)
-    if cfg.algorithm == "dmd2" and method.regression_weight > 0 and not method.pairs_path:
-        raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build teacher pairs with "
-                           "`fewstep pairs <teacher> --out DIR` and pass method.pairs_path=DIR")
+    rules = METHOD_RULES.get(cfg.algorithm)
+    if rules is not None:
+        rules(method, cfg)

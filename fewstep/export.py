@@ -19,7 +19,7 @@ from fewstep.errors import FewstepError
 from fewstep.models.adapters import expert_network
 from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher, load_teacher
-from fewstep.paths import EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output  # noqa: F401
+from fewstep.paths import EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output
 from fewstep.recipes.base import InferenceSpec
 
 
@@ -41,16 +41,16 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
             save_lora(fam, net, tmp)
         else:
             save_full_pipeline(teacher, net, sched_name, sched_config, tmp)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar(teacher, spec, recipe, teacher_name, lora, kinds, extra),
-                                              indent=2, sort_keys=True) + "\n")
+        meta = sidecar(teacher, spec, (sched_name, sched_config), recipe, teacher_name, lora, kinds, extra)
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
-def sidecar(teacher: Teacher, spec: InferenceSpec, recipe: str, teacher_name: str, lora: dict | None,
-            kinds: list[str], extra: dict[str, Any] | None) -> dict[str, Any]:
+def sidecar(teacher: Teacher, spec: InferenceSpec, scheduler: tuple[str, dict], recipe: str, teacher_name: str,
+            lora: dict | None, kinds: list[str], extra: dict[str, Any] | None) -> dict[str, Any]:
     """fewstep.json: how to run the export in a stock pipeline (scheduler, timesteps, guidance, LoRA, experts)."""
     fam, pipe, size = teacher.family, teacher.pipe, teacher.size
-    sched_name, sched_config = fam.student_scheduler(pipe)
+    sched_name, sched_config = scheduler
     times = torch.tensor(spec.times, dtype=torch.float64)
     return {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},

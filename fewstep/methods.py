@@ -1,10 +1,12 @@
-"""Each algorithm's `method:` settings as plain dataclasses, with the string choices they accept.
+"""Each algorithm's `method:` settings as plain dataclasses, with the string choices they accept and the rules
+that tie them to the rest of the run.
 
 This module imports neither torch nor diffusers, so `fewstep.config` validates a whole run configuration (keys,
 types, choices, ranges) before anything heavy loads. The recipe classes in `fewstep.recipes` read these."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from fewstep.errors import FewstepError
 
@@ -83,3 +85,35 @@ def check_phases(phase_steps: list[int], steps: int) -> None:
     """Phased DMD splits the student's steps into phases (algorithms.md §4.1) of at least one step each."""
     if not phase_steps or any(n < 1 for n in phase_steps) or sum(phase_steps) != steps:
         raise FewstepError(f"method.phase_steps={list(phase_steps)} must be positive and sum to sample.steps={steps}")
+
+
+def lcm_rules(method: Any, run: Any) -> None:
+    if not 1 <= method.guidance_min <= method.guidance_max:
+        raise FewstepError(f"method.guidance_min/max must satisfy 1 <= min <= max (got {method.guidance_min}, "
+                           f"{method.guidance_max})")
+    if method.guidance_embedding and run.student.mode != "full":
+        raise FewstepError("method.guidance_embedding=true needs student.mode=full (a LoRA cannot add the "
+                           "embedding layer); set student.mode=full or method.guidance_embedding=false")
+
+
+def dmd2_rules(method: Any, run: Any) -> None:
+    """Terms that need real images refuse prompt-only data here, at load (the recipe's own guard fires only at
+    the first step); DMD's regression term needs its pairs cache."""
+    if run.data.source == "prompts" and not method.backward_simulation:
+        raise FewstepError("method.backward_simulation=false needs real images: use data.source=digits or folder, "
+                           "or method.backward_simulation=true")
+    if run.data.source == "prompts" and (method.gan_critic_weight > 0 or method.gan_generator_weight > 0):
+        raise FewstepError("the GAN term needs real images: use data.source=digits or folder, or set "
+                           "method.gan_generator_weight=0 method.gan_critic_weight=0")
+    if method.regression_weight > 0 and not method.pairs_path:
+        raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build teacher pairs with "
+                           "`fewstep pairs <teacher> --out DIR` and pass method.pairs_path=DIR")
+
+
+def phased_dmd_rules(method: Any, run: Any) -> None:
+    check_phases(list(method.phase_steps), run.sample.steps)
+
+
+# Cross-setting rules per algorithm, run by fewstep.config after the generic checks (method, whole run config).
+METHOD_RULES: dict[str, Callable[[Any, Any], None]] = {"lcm": lcm_rules, "dmd2": dmd2_rules,
+                                                       "phased_dmd": phased_dmd_rules}

@@ -94,3 +94,12 @@ def test_lr_schedules_are_diffusers_own():
     from fewstep.config import LR_SCHEDULES
 
     assert set(LR_SCHEDULES) == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["method.backward_simulation=false"], "method.backward_simulation=false needs real images"),
+    (["method.gan_critic_weight=0.01"], "the GAN term needs real images"),
+])
+def test_dmd2_terms_that_need_real_images_are_refused_at_load_for_prompt_data(extra, needle):
+    with pytest.raises(FewstepError, match=needle):
+        load_config(["recipe=dmd2", "data.source=prompts", "data.path=/p.txt", *extra])

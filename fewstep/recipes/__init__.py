@@ -48,9 +48,6 @@ def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: 
 def build_student(cfg: DictConfig, teacher: Teacher, guidance_embedding: bool = False) -> tuple[torch.nn.Module, Any]:
     """(trainable student network, frozen teacher denoiser)."""
     if cfg.student.mode == "lora":
-        if guidance_embedding:
-            raise FewstepError("method.guidance_embedding=true needs student.mode=full (a LoRA cannot add the "
-                               "embedding layer); set student.mode=full or method.guidance_embedding=false")
         lora = cfg.student.lora
         targets = list(lora.targets) or list(teacher.family.lora_targets)
         net = add_lora(teacher.net, lora.rank, lora.alpha, targets, lora.init_scale, cfg.train.seed)

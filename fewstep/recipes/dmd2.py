@@ -63,9 +63,6 @@ class DMD2(Recipe):
         self.times = torch.tensor(inference.times[:-1], dtype=torch.float64)
         self.head: GanHead | None = None
         self.tap: FeatureTap | None = None
-        if config.regression_weight > 0 and not config.pairs_path:
-            raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build the cache with "
-                               "`fewstep pairs <teacher> --out <dir>` and pass method.pairs_path=<dir>")
         self.pairs = load_pairs(config.pairs_path) if config.regression_weight > 0 else None
         if config.gan_generator_weight > 0 or config.gan_critic_weight > 0:
             self.attach_gan_head()

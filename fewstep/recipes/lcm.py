@@ -7,14 +7,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fewstep.methods import LCMConfig
 from fewstep.diffusion.schedule import bcast
+from fewstep.methods import LCMConfig
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
 from fewstep.recipes.losses import consistency_loss, ema_update
 from fewstep.sampling.steps import consistency_x0, ddim_transfer
-
 
 
 def solver_grid(teacher: Teacher, num_steps: int) -> Tensor:
