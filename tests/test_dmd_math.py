@@ -12,12 +12,13 @@ from torch import nn
 
 from fewstep.data.toy import (GaussianDenoiser, GaussianMixtureDenoiser, mode_coverage, ring_means,
                               sample_mixture)
+from fewstep.diffusion.forward import transition_coeffs as subinterval_coeffs
 from fewstep.diffusion.param import cfg, from_x0
 from fewstep.diffusion.schedule import DiscreteVP, RectifiedFlow, bcast
 from fewstep.recipes.losses import (critic_denoising_loss, decoupled_dmd_direction, denoising_weight,
                                     dmd_direction, dmd_loss, eps_mse_loss, gan_discriminator_loss,
                                     gan_generator_loss, naive_subinterval_target, regression_loss,
-                                    subinterval_coeffs, subinterval_noise, subinterval_target)
+                                    subinterval_noise, subinterval_target)
 
 
 @pytest.fixture(autouse=True)

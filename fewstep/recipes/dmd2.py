@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.schedule import Schedule, bcast
+from fewstep.diffusion.forward import diffuse
+from fewstep.diffusion.schedule import Schedule
 from fewstep.errors import FewstepError
 from fewstep.methods import DMD2Config
 from fewstep.models.denoiser import concat_cond
@@ -34,8 +35,7 @@ def dmd_student_times(teacher: Teacher, steps: int) -> Tensor:
 def noise_at(schedule: Schedule, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(alpha_t x + sigma_t n, t) with t ~ U[lo, hi] per sample and fresh noise n."""
     t = uniform(generator, len(x), lo, hi, x.device)
-    a, s = (bcast(v, x) for v in schedule.alpha_sigma(t))
-    return a * x + s * torch.randn(x.shape, generator=generator).to(x.device), t
+    return diffuse(x, t, schedule, torch.randn(x.shape, generator=generator)), t
 
 
 def teacher_cond_uncond(real: nn.Module, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -120,15 +120,15 @@ class DMD2(Recipe):
     def _simulate(self, x: Tensor, k: int, batch: Batch, generator: torch.Generator) -> Tensor:
         for j in range(k):
             x0 = self.student(x, self.times[j].to(x.device).expand(len(x)), batch.cond)
-            a, s = (bcast(v, x) for v in self.schedule.alpha_sigma(self.times[j + 1].to(x.device).expand(len(x))))
-            x = a * x0 + s * torch.randn(x.shape, generator=generator).to(x.device)
+            x = diffuse(x0, self.times[j + 1].to(x.device).expand(len(x)), self.schedule,
+                        torch.randn(x.shape, generator=generator))
         return x
 
     def _noised_real(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
         if batch.x0.numel() == 0:
             raise FewstepError("method.backward_simulation=false needs real images (data.source=digits or folder)")
-        a, s = (bcast(v, batch.x0) for v in self.schedule.alpha_sigma(self.times[k].expand(len(batch.x0))))
-        return a * batch.x0 + s * torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
+        return diffuse(batch.x0, self.times[k].expand(len(batch.x0)), self.schedule,
+                       torch.randn(batch.x0.shape, generator=generator))
 
     def _noise(self, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return noise_at(self.schedule, x, lo, hi, generator)

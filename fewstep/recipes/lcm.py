@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.schedule import bcast
+from fewstep.diffusion.forward import diffuse
 from fewstep.methods import LCMConfig
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
@@ -58,9 +58,7 @@ class LCM(Recipe):
         x0, dev = batch.x0, batch.x0.device
         i = torch.randint(0, self.cfg.num_ddim_timesteps, (len(x0),), generator=generator)
         t, t_prev = self.grid[i + 1].to(dev), self.grid[i].to(dev)           # t_{n+k}, t_n
-        noise = torch.randn(x0.shape, generator=generator).to(dev)
-        alpha, sigma = (bcast(v, x0) for v in self.schedule.alpha_sigma(t))
-        x_t = alpha * x0 + sigma * noise                                      # Alg. 1: forward diffusion
+        x_t = diffuse(x0, t, self.schedule, torch.randn(x0.shape, generator=generator))  # Alg. 1: forward diffusion
         w = uniform(generator, len(x0), self.cfg.guidance_min, self.cfg.guidance_max, dev)
         cond = self._with_guidance(batch.cond, w)
         pred = consistency_x0(x_t, self.student(x_t, t, cond), t, self.schedule)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewstep.diffusion.forward import transition, transition_coeffs
 from fewstep.diffusion.param import from_x0
 from fewstep.diffusion.schedule import Schedule, bcast
 
@@ -164,26 +165,14 @@ def decoupled_dmd_direction(x: Tensor, x0_cond: Tensor, x0_uncond: Tensor, x0_fa
     return _finite(g).float()
 
 
-def subinterval_coeffs(s: Tensor | float, t: Tensor | float, schedule: Schedule,
-                       like: Tensor) -> tuple[Tensor, Tensor]:
-    """Forward kernel q(x_t | x_s) = N(a x_s, b^2) for s < t on any Gaussian path (algorithms.md §0.2, §4.2):
-    a = alpha_t / alpha_s, b = sqrt(sigma_t^2 - a^2 sigma_s^2); on RF a = (1-t)/(1-s). float64, broadcast to `like`;
-    b^2 is clamped at 1e-12 and alpha_s at 1e-12 (§8.3)."""
-    st = [torch.as_tensor(v, dtype=torch.float64, device=like.device) for v in (s, t)]
-    (a_s, s_s), (a_t, s_t) = ((bcast(v.double(), like.double()) for v in schedule.alpha_sigma(u)) for u in st)
-    a = a_t / a_s.clamp_min(1e-12)
-    return a, (s_t**2 - a**2 * s_s**2).clamp_min(1e-12).sqrt()
-
-
 def subinterval_noise(x_s: Tensor, s: Tensor | float, t: Tensor | float, schedule: Schedule,
                       generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
     """x_t = a sg(x_s) + b eps' (algorithms.md §4.2): diffuse an anchor at noise level s to t > s. If
     x_s = alpha_s x0 + sigma_s eps, then x_t = alpha_t x0 + sigma_t eps_tot with eps_tot ~ N(0, I). `noise` (eps')
     may be supplied (rank-synchronised draws); otherwise it is drawn on the CPU from `generator`."""
-    a, b = subinterval_coeffs(s, t, schedule, x_s)
     if noise is None:
         noise = torch.randn(x_s.shape, generator=generator, dtype=torch.float32)
-    return (a * x_s.detach().double() + b * noise.to(x_s.device).double()).to(x_s.dtype)
+    return transition(x_s.detach(), s, t, schedule, noise)
 
 
 def subinterval_target(x_t: Tensor, x_s: Tensor, s: Tensor | float, t: Tensor | float, schedule: Schedule,
@@ -200,7 +189,7 @@ def subinterval_target(x_t: Tensor, x_s: Tensor, s: Tensor | float, t: Tensor | 
     squares regression on x_t is the marginal x0hat / velocity of the generator law; s = 0 gives x0* = x_s exactly.
     The eps' coefficient grows like 1/b as t -> s+: keep t a margin above s (§4.2). Returns float32.
     """
-    a, b = subinterval_coeffs(s, t, schedule, x_t)
+    a, b = transition_coeffs(s, t, schedule, x_t)
     (a_s, s_s), (a_t, s_t) = ((bcast(v.double(), x_t.double()) for v in schedule.alpha_sigma(
         torch.as_tensor(u, dtype=torch.float64, device=x_t.device))) for u in (s, t))
     eps = (x_t.double() - a * x_s.double()) / b

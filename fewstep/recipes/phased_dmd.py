@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.schedule import bcast
+from fewstep.diffusion.forward import diffuse
 from fewstep.methods import PhasedDMDConfig
 from fewstep.models.adapters import expert_denoiser
 from fewstep.models.teacher import Teacher
@@ -97,8 +97,8 @@ class PhasedDMD(Recipe):
     def _renoise(self, x0: Tensor, s: float, generator: torch.Generator) -> Tensor:
         if s == 0:
             return x0
-        a, sig = (bcast(v, x0) for v in self.schedule.alpha_sigma(torch.full((len(x0),), s, device=x0.device)))
-        return a * x0 + sig * torch.randn(x0.shape, generator=generator).to(x0.device)
+        return diffuse(x0, torch.full((len(x0),), s, device=x0.device), self.schedule,
+                       torch.randn(x0.shape, generator=generator))
 
     def _diffuse(self, anchor: Tensor, s: float, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """t ~ U[max(lo, s + margin), hi] and x_t from the subinterval kernel q(x_t | x_s) (§4.2)."""

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fewstep.diffusion.forward import diffuse, transition
 from fewstep.diffusion.param import eps_from_x0
 from fewstep.diffusion.schedule import Schedule, bcast
 
@@ -52,8 +53,7 @@ def renoise_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: S
     generators give the same images as the stock scheduler."""
     if bool((t_next == 0).all()):
         return x0
-    a_next, s_next = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
-    return a_next * x0 + s_next * noise_fn(x0.shape, generator, x0.device, x0.dtype)
+    return diffuse(x0, t_next, schedule, noise_fn(x0.shape, generator, x0.device, x0.dtype))
 
 
 def lcm_boundary(timestep: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
@@ -93,11 +93,7 @@ def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Sched
     x_s = ddim_transfer(x_t, x0, t, s, schedule)
     if gamma <= 0 or bool((t_next == 0).all()):
         return x_s
-    a_s, s_s = (bcast(v, x_t) for v in schedule.alpha_sigma(s))
-    a_n, s_n = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
-    ratio = a_n / a_s
-    noise_std = (s_n**2 - ratio**2 * s_s**2).clamp_min(0).sqrt()
-    return ratio * x_s + noise_std * noise_fn(x_s.shape, generator, x_s.device, x_s.dtype)
+    return transition(x_s, s, t_next, schedule, noise_fn(x_s.shape, generator, x_s.device, x_s.dtype))
 
 
 STEPS: dict[str, Step] = {"ddim": ddim_step, "euler": ddim_step, "consistency": consistency_step,
