@@ -174,6 +174,47 @@ def test_training_is_seeded_and_learns():
     assert acc1 > 0.6
 
 
+def test_shipped_mlp_is_a_second_accurate_independent_classifier(model):
+    from safetensors import safe_open
+
+    mlp = D.default_mlp()
+    assert isinstance(mlp, D.DigitsMLP) and not mlp.training and mlp.num_features == 64
+    assert D.MLP_WEIGHTS.stat().st_size < 200_000
+    with safe_open(str(D.MLP_WEIGHTS), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "DigitsMLP" and meta["metric"] == "fid[digits-mlp]"
+    assert meta["split"] == "split_digits(seed=1, heldout_fraction=0.2)" and meta["seed"] == str(D.MLP_SEED)
+    x, y = D.digits_arrays()
+    _, held = D.split_digits(seed=D.MLP_SEED, heldout_fraction=0.2)
+    assert D.classifier_accuracy(mlp, x[held].unsqueeze(1), y[held]) >= 0.95
+    assert float(meta["heldout_accuracy"]) == pytest.approx(D.classifier_accuracy(mlp, x[held].unsqueeze(1), y[held]),
+                                                            abs=6e-5)
+    _, cnn_held = D.split_digits(seed=D.CNN_SEED, heldout_fraction=0.2)
+    assert not torch.equal(held, cnn_held)   # trained and validated on another split than the CNN
+    images, _ = D.reference_digits(size=16)
+    f1, logits = D.digits_features(mlp, images[:50])
+    f2, _ = D.digits_features(mlp, images[:50])
+    assert f1.shape == (50, 64) and logits.shape == (50, 10) and torch.equal(f1, f2)   # deterministic
+    assert abs(D.digits_mlp_fid(images)) < 0.5   # the real digits against themselves
+    noised = D.with_noise(D.digits_arrays()[0], 0.3)
+    assert D.digits_mlp_fid(noised) > 10 * max(D.digits_mlp_fid(images), 0.05)
+    shifted = torch.roll(D.digits_arrays()[0], shifts=2, dims=2)
+    assert D.digits_mlp_fid(shifted) > 10 * max(D.digits_mlp_fid(images), 0.05)
+
+
+def test_mlp_training_is_seeded(tmp_path):
+    m1, acc1 = D.train_digits_classifier(seed=3, steps=60, arch="mlp")
+    m2, acc2 = D.train_digits_classifier(seed=3, steps=60, arch="mlp")
+    assert isinstance(m1, D.DigitsMLP) and acc1 == acc2 and acc1 > 0.5
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    loaded = D.load_digits_classifier(D.save_digits_classifier(m1, tmp_path / "m.safetensors"))
+    assert isinstance(loaded, D.DigitsMLP)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(loaded(x), m1(x).detach())
+    with pytest.raises(ValueError, match="unknown digits classifier arch"):
+        D.train_digits_classifier(steps=1, arch="vit")
+
+
 def test_sanity_table_rows(model):
     rows = D.digits_sanity_table(seed=0, model=model)
     by_name = {r["set"]: r for r in rows}

@@ -60,14 +60,19 @@ def test_toy_eval_end_to_end(stats_dir, tmp_path, capsys):
     assert [(r["steps"], r["nfe"]) for r in rows] == [(1, 2), (2, 4)]   # batched CFG: 2 evaluations per step
     for r in rows:
         m = r["metrics"]
-        assert set(m) == {"fid[digits-cnn]", "clip_score[micro-clip-digits]", "reward[digits-class]",
-                          "class_accuracy", "diversity"}
+        assert set(m) == {"fid[digits-cnn]", "fid[digits-mlp]", "clip_score[micro-clip-digits]",
+                          "reward[digits-class]", "class_accuracy", "diversity"}
+        assert m["fid[digits-mlp]"] > 0
         assert all(math.isfinite(v) for v in m.values()) and m["fid[digits-cnn]"] > 0
         assert 0 <= m["class_accuracy"] <= 1 and m["reward[digits-class]"] <= 0
         assert r["n"] == N and r["seeds"] == [0, N - 1] and r["guidance"] == 2.0 and r["seconds_per_image"] > 0
         assert r["main_metric"] == "fid[digits-cnn]" and r["kind"] == "teacher"
-        manifest = r["references"][0]["manifest"]
+        manifest, mlp = (ref["manifest"] for ref in r["references"])
         assert manifest["extractor"] == "digits-cnn" and manifest["n"] == 1797
+        assert mlp["extractor"] == "digits-mlp" and mlp["n"] == 1797 and mlp["feature_dim"] == 64
+        assert mlp["extractor_weights_sha256"] != manifest["extractor_weights_sha256"]
+        assert mlp["reference"] == manifest["reference"]   # same real digits, its own statistics
+        assert r["scorers"]["extra_extractors"][0]["id"] == "digits-mlp"
         assert r["scorers"]["clip"]["model"] == "micro-clip-digits" and r["scorers"]["rewards"][0]["name"] == "digits-class"
         assert (out / r["grid"]).is_file()
     assert rows[1]["speedup"] == pytest.approx(1.0)   # the 2-step teacher row is the slowest teacher row
@@ -95,6 +100,11 @@ def test_toy_eval_end_to_end(stats_dir, tmp_path, capsys):
     assert rows[1]["metrics"]["fid[digits-cnn]"] == pytest.approx(ref.fid, rel=1e-5)
     assert rows[1]["metrics"]["class_accuracy"] == pytest.approx(ref.class_accuracy)
     assert rows[1]["metrics"]["diversity"] == pytest.approx(ref.diversity, rel=1e-5)
+    from fewstep.metrics.digits import digits_mlp_fid
+
+    assert rows[1]["metrics"]["fid[digits-mlp]"] == pytest.approx(digits_mlp_fid(as_png), rel=1e-5)
+    stored = sorted(p.name.split("-")[:2] for p in stats_dir.glob("toy-digits/*.json"))
+    assert stored == [["digits", "cnn"], ["digits", "mlp"]]   # one stored reference per extractor
 
 
 def test_teacher_fid_reference_is_stored_reused_and_guarded(stats_dir, tmp_path, capsys):
@@ -180,6 +190,31 @@ def test_bad_protocols_are_refused(stats_dir, tmp_path, capsys):
         load_protocol("geneval")
     with pytest.raises(FewstepError, match="FEWSTEP_HPS_PROMPTS"):
         load_protocol("hpsv2")
+
+
+def test_fid_extra_extractors_are_checked():
+    proto = load_protocol("toy-digits")
+    assert proto.fid.extractor == "digits" and proto.fid.extra_extractors == ["digits-mlp"]
+    assert load_protocol("teacher-fid").fid.extra_extractors == []   # other presets unchanged
+    assert load_protocol("toy-digits", ["fid.extractor=digits-mlp", "fid.extra_extractors=[digits]"]).fid.extractor \
+        == "digits-mlp"
+    with pytest.raises(FewstepError, match="fid.extra_extractors.0='inception'"):
+        load_protocol("toy-digits", ["fid.extra_extractors=[inception]"])
+    with pytest.raises(FewstepError, match="must not repeat"):
+        load_protocol("toy-digits", ["fid.extra_extractors=[digits]"])
+    with pytest.raises(FewstepError, match="needs fid.extractor"):
+        load_protocol("toy-digits", ["fid.extractor=none", "fid.reference=none"])
+
+
+def test_toy_protocol_tiny_run_has_both_fids(stats_dir):
+    from fewstep.models.teacher import load_teacher
+    from fewstep.recipes.base import InferenceSpec
+
+    teacher = load_teacher("toy-digits")
+    spec = InferenceSpec(times=[float(t) for t in teacher.teacher_times(1)], step="ddim", guidance_scale=1.0)
+    got = evaluate_during_training(teacher, teacher.net, spec, "toy-digits", 6)
+    assert math.isfinite(got["fid[digits-cnn]"]) and math.isfinite(got["fid[digits-mlp]"])
+    assert got["fid[digits-cnn]"] != got["fid[digits-mlp]"]
 
 
 def test_trainer_hook_scores_a_network_without_writing(stats_dir):

@@ -192,7 +192,7 @@ def test_failed_write_leaves_no_files(tmp_path, monkeypatch, digits_ext):
 
 
 def test_unknown_extractor_lists_valid_names():
-    with pytest.raises(FewstepError, match="clip, digits, inception"):
+    with pytest.raises(FewstepError, match="clip, digits, digits-mlp, inception"):
         FX.build_extractor("vgg")
     with pytest.raises(FewstepError, match="no option 'bogus'"):
         FX.build_extractor("digits", bogus=1)
@@ -295,6 +295,31 @@ def test_digits_fid_real_split_below_noised(digits_ext):
     real_fid, noised_fid = F.fid(real, ref), F.fid(noised, ref)
     assert real_fid < 5.0 < noised_fid and noised_fid > 3 * real_fid
     assert digits_ext.id == "digits-cnn" and digits_ext.dim == 32
+
+
+def test_digits_mlp_extractor_is_a_separate_feature_space(digits_ext):
+    mlp = FX.build_extractor("digits-mlp")
+    assert mlp.id == "digits-mlp" and mlp.dim == 64 and isinstance(mlp.model, D.DigitsMLP)
+    assert mlp.weights_sha256 == FX.file_sha256(D.MLP_WEIGHTS) != digits_ext.weights_sha256
+    x, _ = D.digits_arrays()
+    ref_idx, gen_idx = D.split_digits(seed=0, heldout_fraction=0.5)
+    ref = F.extract_stats(mlp, x[ref_idx].unsqueeze(1).split(256), keep=0)
+    real = F.extract_stats(mlp, [x[gen_idx].unsqueeze(1)])
+    noised = F.extract_stats(mlp, [D.with_noise(x[gen_idx], 0.3).unsqueeze(1)])
+    assert F.fid(real, ref) < 0.2 * F.fid(noised, ref)
+    # CNN and MLP statistics of the same reference never compare: the manifests differ in id and weights hash
+    m_cnn = F.manifest_for(digits_ext, "toy-digits", F.hash_items(["r"]), n=10)
+    m_mlp = F.manifest_for(mlp, "toy-digits", F.hash_items(["r"]), n=10)
+    assert m_mlp["extractor"] == "digits-mlp" and m_mlp["extractor_weights_sha256"] == mlp.weights_sha256
+    with pytest.raises(FewstepError, match="'extractor'"):
+        F.check_compatible(m_cnn, m_mlp)
+    cnn_ref = F.Reference(*F.extract_stats(digits_ext, [x[ref_idx].unsqueeze(1)]).mean_cov(), n=1, features=None,
+                          manifest=m_cnn)
+    mlp_ref = F.Reference(*ref.mean_cov(), n=1, features=None, manifest=m_mlp)
+    with pytest.raises(FewstepError):
+        F.fid(cnn_ref, mlp_ref)
+    with pytest.raises(FewstepError, match="needs DigitsMLP weights"):
+        FX.build_extractor("digits-mlp", weights=D.DEFAULT_WEIGHTS)
 
 
 def test_image_folder_stats_equals_in_memory(tmp_path, digits_ext):

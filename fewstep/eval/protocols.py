@@ -21,10 +21,11 @@ from fewstep.errors import FewstepError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DIR = ROOT / "eval" / "protocols"
+EXTRA_EXTRACTORS = ("digits", "digits-mlp")   # fid.extra_extractors: extractors that need no weights file
 CHOICES: dict[str, tuple[str, ...]] = {
     "main_metric": ("fid", "clip_score", "reward", "geneval"),
     "prompts.source": ("digits", "file", "geneval"),
-    "fid.extractor": ("none", "auto", "digits", "inception", "clip"),
+    "fid.extractor": ("none", "auto", "digits", "digits-mlp", "inception", "clip"),
     "fid.reference": ("none", "digits", "teacher", "folder"),
     "clip.scale": ("100cos", "cos", "hessel"),
     "geneval.detector": ("transformers",),
@@ -39,7 +40,10 @@ class PromptsSpec:
 
 @dataclass
 class FidSpec:
-    extractor: str = "none"              # none | auto (digits for toy-digits, else inception) | digits | inception | clip
+    extractor: str = "none"              # none | auto (digits for toy-digits, else inception) | digits | digits-mlp
+                                         # | inception | clip
+    extra_extractors: List[str] = field(default_factory=list)  # more FIDs on the same images and reference, each
+                                         # fid[<id>]: offline digits extractors only (digits, digits-mlp)
     weights: Optional[str] = None        # Inception file/folder, or CLIP checkpoint (file or open_clip tag)
     clip_model: str = "ViT-B-32"         # open_clip architecture for extractor=clip
     reference: str = "none"              # digits (1797 real digits) | teacher (teacher samples) | folder
@@ -163,6 +167,16 @@ def check_values(cfg: DictConfig) -> None:
     for i, f in enumerate(cfg.local_files):
         if f.kind not in ("file", "dir", "path"):
             raise FewstepError(f"bad value local_files.{i}.kind={f.kind!r}; choose one of ['file', 'dir', 'path']")
+    extras = list(cfg.fid.extra_extractors)
+    for i, name in enumerate(extras):
+        if name not in EXTRA_EXTRACTORS:
+            raise FewstepError(f"bad value fid.extra_extractors.{i}={name!r} in protocol {cfg.name}; choose from "
+                               f"{list(EXTRA_EXTRACTORS)}")
+    if len(set(extras)) != len(extras) or cfg.fid.extractor in extras:
+        raise FewstepError(f"protocol {cfg.name}: fid.extra_extractors must not repeat an extractor "
+                           f"(fid.extractor={cfg.fid.extractor}, extra {extras})")
+    if extras and cfg.fid.extractor == "none":
+        raise FewstepError(f"protocol {cfg.name}: fid.extra_extractors needs fid.extractor")
     if cfg.fid.reference != "none" and cfg.fid.extractor == "none":
         raise FewstepError(f"protocol {cfg.name}: fid.reference={cfg.fid.reference} needs fid.extractor")
     if cfg.main_metric == "geneval" and cfg.prompts.source != "geneval":

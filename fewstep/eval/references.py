@@ -154,12 +154,14 @@ def reference_teacher(ctx: Any, target: Any) -> Any:
     return ctx.teachers[name]
 
 
-def fid_metric(ctx: Any, target: Any, generate: Callable[..., float]) -> tuple[FidMetric, dict[str, Any]]:
+def fid_metric(ctx: Any, target: Any, generate: Callable[..., float],
+               extractor: str | None = None) -> tuple[FidMetric, dict[str, Any]]:
     """The FID accumulator of a row (`fewstep.eval.run.Target` in a `Context`) with its reference (stored, reused
     or built: teacher samples through `generate`, real digits, or a folder sharded over the processes) and the
-    reference record {"where", "manifest"} for the report."""
+    reference record {"where", "manifest"} for the report. `extractor`: one of `fid.extra_extractors` instead of
+    `fid.extractor` (same reference, its own statistics and manifest)."""
     f = ctx.proto.fid
-    ext_name = extractor_name(f.extractor, target.teacher_name)
+    ext_name = extractor_name(f.extractor if extractor is None else extractor, target.teacher_name)
     if ext_name not in ctx.extractors:
         ctx.extractors[ext_name] = make_extractor(ext_name, f.weights, f.clip_model, ctx.device)
     ext = ctx.extractors[ext_name]

@@ -186,6 +186,11 @@ def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: P
         records.append(record)
         scorers["extractor"] = metric.extractor.describe()
         roles["fid"] = metric.name
+        for extra in proto.fid.extra_extractors:   # a second feature space on the same images and reference
+            metric, record = refs.fid_metric(ctx, target, generate_into, extra)
+            sinks.append(metric)
+            records.append(record)
+            scorers.setdefault("extra_extractors", []).append(metric.extractor.describe())
     if "clip" in shared:
         clip = shared["clip"]
         sinks.append(scoring.SampleMetric(f"clip_score[{clip.model_name}]", clip.score, res))

@@ -210,8 +210,8 @@ def extractor_name(spec_extractor: str, teacher_name: str) -> str:
 
 def make_extractor(name: str, weights: str | None, clip_model: str, device: str) -> FeatureExtractor:
     """A feature extractor for FID from local weights (`build_extractor`)."""
-    if name == "digits":
-        return build_extractor("digits")
+    if name in ("digits", "digits-mlp"):
+        return build_extractor(name)
     if name == "inception":
         return build_extractor("inception", weights=weights, device=device)
     return build_extractor("clip", model_name=clip_model, pretrained=weights, device=device)

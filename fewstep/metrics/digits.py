@@ -21,10 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 METRIC_NAME = "fid[digits-cnn]"  # name under which the digits Frechet distance is reported (not Inception FID)
+MLP_METRIC_NAME = "fid[digits-mlp]"  # the second, independent digits feature space (DigitsMLP, other split)
 
 NUM_CLASSES = 10
 # Shipped classifier weights, written by scripts/train_digits_classifier.py.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits-classifier.safetensors"
+# Second, independent classifier (different architecture and training split): scripts/train_digits_classifier.py
+# --arch mlp. A toy "student beats teacher" claim stands only where fid[digits-cnn] and fid[digits-mlp] agree.
+MLP_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits-mlp.safetensors"
+CNN_SEED = 0  # the CNN's init and split_digits(seed=0, heldout_fraction=0.2)
+MLP_SEED = 1  # the MLP's init and split_digits(seed=1, heldout_fraction=0.2): a different held-out set
 
 ArrayLike = Tensor | np.ndarray | Sequence[Any]
 
@@ -55,10 +61,41 @@ class DigitsNet(nn.Module):
         return self.head(self.features(x))
 
 
+class DigitsMLP(nn.Module):
+    """Fully connected net on flattened 8x8 inputs in [0, 1]: 64 -> 128 -> 128 -> 64-d embedding -> 10-way head.
+
+    No convolutions and no pooling: an independent feature space for the second digits FID (``fid[digits-mlp]``).
+    Same interface as ``DigitsNet``: ``features(x)`` (N, 64), ``head``, ``forward(x)`` logits.
+    """
+
+    num_features: int = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 128)
+        self.embed = nn.Linear(128, self.num_features)
+        self.head = nn.Linear(self.num_features, NUM_CLASSES)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the (N, 64) embedding of (N, 1, 8, 8) images in [0, 1]."""
+        h = F.relu(self.fc1(x.flatten(1)))
+        h = F.relu(self.fc2(h))
+        return self.embed(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return (N, 10) class logits of (N, 1, 8, 8) images in [0, 1]."""
+        return self.head(self.features(x))
+
+
+ARCHS: dict[str, type[nn.Module]] = {"cnn": DigitsNet, "mlp": DigitsMLP}  # --arch of the training script
+DigitsModel = DigitsNet | DigitsMLP
+
+
 class DigitsFeatureExtractor(nn.Module):
     """``DigitsNet`` embedding of anything ``to_digits_input`` accepts, for torchmetrics' ``feature=``."""
 
-    def __init__(self, model: DigitsNet) -> None:
+    def __init__(self, model: DigitsModel) -> None:
         super().__init__()
         self.model = model
         self.num_features = model.num_features
@@ -160,23 +197,28 @@ def _augment(x: Tensor, gen: torch.Generator, noise: float) -> Tensor:
 
 
 @torch.no_grad()
-def classifier_accuracy(model: DigitsNet, x: Tensor, y: Tensor) -> float:
+def classifier_accuracy(model: DigitsModel, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy of ``model`` on (N, 1, 8, 8) images ``x`` with labels ``y``."""
     return float((model(x).argmax(dim=1) == y).float().mean())
 
 
 def train_digits_classifier(
-    seed: int = 0, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3, heldout_fraction: float = 0.2
-) -> tuple[DigitsNet, float]:
-    """Train a ``DigitsNet`` on scikit-learn digits (x / 16) and return it with its held-out accuracy.
+    seed: int = 0, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3, heldout_fraction: float = 0.2,
+    arch: str = "cnn",
+) -> tuple[DigitsModel, float]:
+    """Train a ``DigitsNet`` (``arch="cnn"``) or ``DigitsMLP`` (``"mlp"``) on scikit-learn digits (x / 16) and
+    return it with its held-out accuracy.
 
-    The held-out split is seeded and stratified (``split_digits``); training uses Adam with cosine decay and
-    light augmentation (+-1 pixel shifts, Gaussian noise 0.05). Fully determined by ``seed`` on one machine.
+    The held-out split is seeded and stratified (``split_digits(seed, heldout_fraction)``); training uses Adam with
+    cosine decay and light augmentation (+-1 pixel shifts, Gaussian noise 0.05). Fully determined by ``seed`` on
+    one machine.
     """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown digits classifier arch {arch!r}: use one of {', '.join(ARCHS)}")
     gen = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # parameter initialisation
-    model = DigitsNet()
+    model = ARCHS[arch]()
     torch.random.set_rng_state(torch_state)
     x, y = digits_arrays()
     x = x.unsqueeze(1)
@@ -196,26 +238,36 @@ def train_digits_classifier(
     return model, classifier_accuracy(model, x[held], y[held])
 
 
-def save_digits_classifier(model: DigitsNet, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_digits_classifier(model: DigitsModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s weights to a safetensors file (string ``metadata`` is stored in the header)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"arch": "DigitsNet", "metric": METRIC_NAME, **(metadata or {})})
+    metric = MLP_METRIC_NAME if isinstance(model, DigitsMLP) else METRIC_NAME
+    save_file(tensors, str(path), metadata={"arch": type(model).__name__, "metric": metric, **(metadata or {})})
     return path
 
 
-def load_digits_classifier(path: str | Path | None = None) -> DigitsNet:
-    """Load a ``DigitsNet`` (eval mode) from a safetensors file; default: the shipped weights."""
+def load_digits_classifier(path: str | Path | None = None) -> DigitsModel:
+    """Load a digits classifier (eval mode) from a safetensors file; default: the shipped CNN weights.
+
+    The class (``DigitsNet`` or ``DigitsMLP``) is read from the header's ``arch`` (absent: ``DigitsNet``).
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"digits classifier weights not found: {path}; "
                                 "run scripts/train_digits_classifier.py")
-    model = DigitsNet()
+    with safe_open(str(path), framework="pt") as f:
+        arch = (f.metadata() or {}).get("arch", "DigitsNet")
+    classes = {cls.__name__: cls for cls in ARCHS.values()}
+    if arch not in classes:
+        raise ValueError(f"{path}: unknown digits classifier arch {arch!r} (expected one of {', '.join(classes)})")
+    model = classes[arch]()
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
@@ -226,9 +278,16 @@ def _default_classifier() -> DigitsNet:
     return load_digits_classifier()
 
 
+@functools.lru_cache(maxsize=1)
+def default_mlp() -> DigitsMLP:
+    """The shipped second classifier (``DigitsMLP``, ``fid[digits-mlp]``), loaded once per process (read-only)."""
+    return load_digits_classifier(MLP_WEIGHTS)
+
+
 @torch.no_grad()
-def digits_features(model: DigitsNet, images: ArrayLike, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Return (features (N, 32), logits (N, 10)) of ``images`` (anything ``to_digits_input`` accepts)."""
+def digits_features(model: DigitsModel, images: ArrayLike, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Return (features (N, d), logits (N, 10)) of ``images`` (anything ``to_digits_input`` accepts);
+    d = ``model.num_features`` (32 for the CNN, 64 for the MLP)."""
     x = to_digits_input(images)
     feats, logits = [], []
     with single_thread():
@@ -285,7 +344,7 @@ class DigitsReference:
 
 
 def digits_reference(
-    model: DigitsNet | None = None, images: ArrayLike | None = None, labels: ArrayLike | None = None
+    model: DigitsModel | None = None, images: ArrayLike | None = None, labels: ArrayLike | None = None
 ) -> DigitsReference:
     """Build reference statistics; default images are all 1797 real digits (``reference_digits()``)."""
     if model is None and images is None:
@@ -304,6 +363,26 @@ def digits_reference(
 def _default_reference() -> DigitsReference:
     """Reference statistics of all real digits under the shipped classifier, computed once per process."""
     return digits_reference(_default_classifier(), *reference_digits())
+
+
+@functools.lru_cache(maxsize=1)
+def mlp_reference() -> DigitsReference:
+    """Reference statistics of all real digits under the shipped ``DigitsMLP``, computed once per process."""
+    return digits_reference(default_mlp(), *reference_digits())
+
+
+def digits_mlp_fid(images: ArrayLike) -> float:
+    """``fid[digits-mlp]`` of generated images: Frechet distance of shipped ``DigitsMLP`` features vs all real digits.
+
+    Report it next to ``score_digits(...).fid`` (``fid[digits-cnn]``); an ordering of two image sets stands only
+    where both agree.
+    """
+    feats, _ = digits_features(default_mlp(), images)
+    if len(feats) < 2:
+        raise ValueError("need at least two generated images to estimate a covariance")
+    mu, sigma = feature_statistics(feats)
+    ref = mlp_reference()
+    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
 
 
 @dataclass(frozen=True)
@@ -332,7 +411,7 @@ class DigitsScores:
 def score_digits(
     images: ArrayLike,
     labels: ArrayLike,
-    model: DigitsNet | None = None,
+    model: DigitsModel | None = None,
     reference: DigitsReference | None = None,
 ) -> DigitsScores:
     """Score generated digit images against their prompted ``labels`` (ints 0-9).

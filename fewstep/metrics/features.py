@@ -1,4 +1,5 @@
-"""Feature extractors for FID/KID: clean-fid's Inception, an open_clip image tower and the offline digits CNN.
+"""Feature extractors for FID/KID: clean-fid's Inception, an open_clip image tower and the offline digits CNN
+and MLP (two independent digits feature spaces).
 
 Every extractor has an ``id``, the ``weights_sha256`` of its weights, a ``preprocess`` dict and the feature
 ``dim``; these go into the reference-statistics manifest (evaluation.md sections 0 and 8), so statistics from
@@ -306,16 +307,23 @@ class DigitsExtractor(FeatureExtractor):
     Images are reduced to grey (channel mean) and area-downsampled to 8x8 by ``fewstep.metrics.digits``.
     """
 
+    extractor_id = "digits-cnn"
+    arch = "DigitsNet"
+    default_weights = "DEFAULT_WEIGHTS"  # attribute of fewstep.metrics.digits
+
     def __init__(self, weights: str | Path | None = None) -> None:
         from fewstep.metrics import digits
 
-        self.path = Path(weights) if weights is not None else digits.DEFAULT_WEIGHTS
+        self.path = Path(weights) if weights is not None else getattr(digits, self.default_weights)
         try:
             self.model = digits.load_digits_classifier(self.path)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise FewstepError(f"{e}") from e
-        self.id = "digits-cnn"
-        self.dim = digits.DigitsNet.num_features
+        if type(self.model).__name__ != self.arch:
+            raise FewstepError(f"{self.path} holds a {type(self.model).__name__}, but extractor {self.extractor_id} "
+                               f"needs {self.arch} weights")
+        self.id = self.extractor_id
+        self.dim = self.model.num_features
         self.preprocess = {"size": 8, "resize": "area", "crop": "none", "input": "uint8, grey = mean of RGB",
                            "range": "[0,1]"}
 
@@ -325,10 +333,24 @@ class DigitsExtractor(FeatureExtractor):
         return file_sha256(self.path)
 
     def _features(self, images: Tensor) -> Tensor:
-        """DigitsNet embeddings (N, 32)."""
+        """DigitsNet embeddings (N, 32) (``DigitsMLP``: (N, 64))."""
         from fewstep.metrics.digits import digits_features
 
         return digits_features(self.model, images)[0]
+
+
+class DigitsMLPExtractor(DigitsExtractor):
+    """The second shipped offline digits embedding: ``DigitsMLP`` (64-d penultimate layer), ``fid[digits-mlp]``.
+
+    A different architecture (fully connected, no convolutions) trained on a different split
+    (``split_digits(seed=1, 0.2)``; the CNN uses seed 0) by ``scripts/train_digits_classifier.py --arch mlp``;
+    same 8x8 grey preprocessing as ``DigitsExtractor``. Its own id and weights hash go into every manifest, so its
+    statistics are never compared with the CNN's.
+    """
+
+    extractor_id = "digits-mlp"
+    arch = "DigitsMLP"
+    default_weights = "MLP_WEIGHTS"
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -337,11 +359,13 @@ EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
     "inception": InceptionExtractor,
     "clip": ClipExtractor,
     "digits": DigitsExtractor,
+    "digits-mlp": DigitsMLPExtractor,
 }
 
 
 def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
-    """Build a registered extractor by name (``inception``, ``clip``, ``digits``); ``kwargs`` go to its class."""
+    """Build a registered extractor by name (``inception``, ``clip``, ``digits``, ``digits-mlp``); ``kwargs`` go to its
+    class."""
     try:
         factory = EXTRACTORS[name]
     except KeyError:
