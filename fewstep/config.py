@@ -24,7 +24,6 @@ class TeacherConfig:
     pretrained: str = "toy-digits"      # preset asset name, a Diffusers pipeline folder, or a hub id
     dtype: str = "float32"              # weights dtype of the frozen teacher: float32 | bfloat16 | float16
     resolution: int = 0                 # 0 = the family's default size
-    guidance_scale: float = 1.0         # teacher CFG (Imagen convention, 1 = off) where a recipe uses a fixed one
 
 
 @dataclass
@@ -32,7 +31,6 @@ class DataConfig:
     source: str = "digits"              # digits | folder (images + metadata.jsonl) | prompts (text file)
     path: str = ""                      # folder or prompt file for source=folder/prompts
     batch_size: int = 32
-    num_workers: int = 0
     center_crop: bool = True
 
 
@@ -212,14 +210,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ("sdpa", "flash", "efficient", "math", "xformers"),
 }
 
-# Lower bounds (inclusive) of numeric settings; `sample.guidance_scale` and `teacher.guidance_scale` follow the
-# stock pipelines, where a scale of 1 switches CFG off and values below 1 are not guidance.
+# Lower bounds (inclusive) of numeric settings; `sample.guidance_scale` follows the stock pipelines, where a scale
+# of 1 switches CFG off and values below 1 are not guidance.
 AT_LEAST: dict[str, float] = {
     "train.steps": 1, "data.batch_size": 1, "sample.steps": 1, "train.gradient_accumulation_steps": 1,
     "train.log_every": 1, "sample.grid_size": 1, "train.eval_num_images": 1, "student.lora.rank": 1,
     "train.warmup_steps": 0, "train.sample_every": 0, "train.checkpoint_every": 0, "train.eval_every": 0,
-    "train.keep_checkpoints": 0, "data.num_workers": 0, "teacher.resolution": 0, "train.weight_decay": 0,
-    "train.grad_clip": 0, "sample.guidance_scale": 1, "teacher.guidance_scale": 1,
+    "train.keep_checkpoints": 0, "teacher.resolution": 0, "train.weight_decay": 0,
+    "train.grad_clip": 0, "sample.guidance_scale": 1,
 }
 POSITIVE = ("train.lr", "student.lora.alpha")
 

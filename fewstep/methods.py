@@ -17,7 +17,7 @@ class LCMConfig:
     guidance_min: float = 2.0           # teacher CFG scale range, Imagen convention (w = LCM omega + 1)
     guidance_max: float = 2.0
     guidance_embedding: bool = False    # full mode: embed w in the student (time_cond_proj_dim), no CFG at inference
-    embedding_dim: int = 256
+    embedding_dim: int = 256            # width of the w-embedding (the UNet's time_cond_proj_dim) with guidance_embedding
     loss: str = "huber"                 # huber | l2
     huber_c: float = 0.001
     target_ema_decay: float = 0.95      # full mode: EMA target network theta^-; LoRA mode uses the online student

@@ -38,6 +38,8 @@ def test_every_shipped_recipe_and_model_validates():
     (["train.steps=0"], "train.steps must be >= 1"),
     (["steps"], "arguments must be key=value"),
     (["attention=fast"], "attention"),
+    (["data.num_workers=2"], "unknown config key 'data.num_workers'"),        # never read: removed, not ignored
+    (["teacher.guidance_scale=3.5"], "unknown config key 'teacher.guidance_scale'"),
 ])
 def test_bad_input_is_one_clear_error(argv, needle):
     with pytest.raises(FewstepError) as info:

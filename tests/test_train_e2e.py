@@ -94,9 +94,10 @@ def test_full_mode_with_guidance_embedding_exports_a_pipeline(teacher_dir: Path,
 
     out = tmp_path / "full"
     run(argv(teacher_dir, out, "train.steps=2", "student.mode=full", "method.guidance_embedding=true",
-             "method.guidance_min=1.5", "method.guidance_max=3.0", "sample.guidance_scale=2.0"))
+             "method.embedding_dim=64", "method.guidance_min=1.5", "method.guidance_max=3.0",
+             "sample.guidance_scale=2.0"))
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "export"))
-    assert pipe.unet.config.time_cond_proj_dim == 256
+    assert pipe.unet.config.time_cond_proj_dim == 64   # method.embedding_dim reaches the student
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     meta = json.loads((out / "export" / "fewstep.json").read_text())
     assert meta["lora"] is None and meta["guidance_scale"] == 2.0

@@ -45,14 +45,16 @@ def inference_spec(cfg: DictConfig, teacher: Teacher, step: str, default_times: 
     return InferenceSpec(times=times, step=step, guidance_scale=float(cfg.sample.guidance_scale))
 
 
-def build_student(cfg: DictConfig, teacher: Teacher, guidance_embedding: bool = False) -> tuple[torch.nn.Module, Any]:
-    """(trainable student network, frozen teacher denoiser)."""
+def build_student(cfg: DictConfig, teacher: Teacher, guidance_embedding: bool = False,
+                  embedding_dim: int = 256) -> tuple[torch.nn.Module, Any]:
+    """(trainable student network, frozen teacher denoiser); `guidance_embedding` adds LCM's w-embedding of
+    `embedding_dim` to a full student."""
     if cfg.student.mode == "lora":
         lora = cfg.student.lora
         targets = list(lora.targets) or list(teacher.family.lora_targets)
         net = add_lora(teacher.net, lora.rank, lora.alpha, targets, lora.init_scale, cfg.train.seed)
         return net, WithAdapter(teacher.denoiser(net), None)
-    base = add_guidance_embedding(teacher.net) if guidance_embedding else teacher.net
+    base = add_guidance_embedding(teacher.net, embedding_dim) if guidance_embedding else teacher.net
     return full_copy(base), teacher.denoiser()
 
 
@@ -60,7 +62,7 @@ def build_recipe(cfg: DictConfig, teacher: Teacher) -> Recipe:
     cls = RECIPES[cfg.algorithm]
     method = OmegaConf.to_object(cfg.method)
     if cfg.algorithm == "lcm":
-        student, real = build_student(cfg, teacher, method.guidance_embedding)
+        student, real = build_student(cfg, teacher, method.guidance_embedding, method.embedding_dim)
         if cfg.student.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return cls(teacher=teacher, student=student, teacher_denoiser=real, config=method,
