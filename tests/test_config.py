@@ -65,7 +65,7 @@ def test_explicit_student_times_move_down_to_the_teacher_table():
     """sample.timesteps between DDPM-table entries land on the entry at or below (what a stock LCMScheduler can
     run); the toy DMD2 preset's 0.5/0.375/0.25/0.125 become 499/374/249/124; times that collide are refused."""
     from fewstep.models.teacher import load_teacher
-    from fewstep.recipes import inference_spec
+    from fewstep.recipes.build import inference_spec
 
     teacher = load_teacher("toy-digits")
     spec = inference_spec(load_config(["recipe=dmd2", "model=toy-digits"]), teacher, "consistency")

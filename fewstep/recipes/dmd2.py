@@ -6,17 +6,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import Schedule
 from fewstep.errors import FewstepError
 from fewstep.methods import DMD2Config
+from fewstep.models.adapters import WithAdapter
 from fewstep.models.denoiser import concat_cond
 from fewstep.models.teacher import Teacher
+from fewstep.pairs import load_pairs
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
-from fewstep.pairs import load_pairs
+from fewstep.recipes.build import build_student, inference_spec
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
 
 
@@ -207,3 +210,26 @@ class DMD2(Recipe):
 
     def export_net(self) -> nn.Module:
         return self.student_net
+
+
+def build_dmd2(cfg: DictConfig, teacher: Teacher) -> DMD2:
+    """Student and critic on one frozen base where both are LoRA adapters ("default" and "critic"); a full
+    critic is copied from the clean base before any adapter is added."""
+    method = OmegaConf.to_object(cfg.method)
+    from fewstep.models.adapters import STUDENT, adapter_parameters
+    from fewstep.recipes.critic import build_critic
+
+    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
+    student, _ = build_student(cfg, teacher)
+    if critic is None:
+        critic = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets)
+    lora = cfg.student.mode == "lora"
+    student_params = adapter_parameters(student, STUDENT) if lora else dict(student.named_parameters())
+    student_den = WithAdapter(teacher.denoiser(student), STUDENT) if lora else teacher.denoiser(student)
+    real = WithAdapter(teacher.denoiser(teacher.net), None)
+    if cfg.student.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
+    return DMD2(teacher=teacher, student=student, student_params=student_params, real=real, critic=critic[0],
+                critic_params=critic[2], config=method, inference=spec, student_denoiser=student_den)

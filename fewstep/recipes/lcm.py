@@ -5,6 +5,7 @@ import copy
 from typing import ClassVar
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
@@ -12,6 +13,7 @@ from fewstep.methods import LCMConfig
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.recipes.build import build_student, inference_spec
 from fewstep.recipes.losses import consistency_loss, ema_update
 from fewstep.sampling.steps import consistency_x0, ddim_transfer
 
@@ -87,3 +89,14 @@ class LCM(Recipe):
     def export_net(self) -> nn.Module:
         """The diffusers LCM scripts ship the EMA target network in full mode; LoRA mode ships the adapter."""
         return self.student_net if self.target_net is None else self.target_net
+
+
+def build_lcm(cfg: DictConfig, teacher: Teacher) -> LCM:
+    """LCM from a validated run config: a LoRA on the frozen base or a full copy (optionally with the
+    w-embedding), sampled with the consistency step on the student grid."""
+    method = OmegaConf.to_object(cfg.method)
+    student, real = build_student(cfg, teacher, method.guidance_embedding, method.embedding_dim)
+    if cfg.student.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return LCM(teacher=teacher, student=student, teacher_denoiser=real, config=method,
+               inference=inference_spec(cfg, teacher, "consistency"), lora=cfg.student.mode == "lora")

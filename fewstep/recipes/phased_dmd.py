@@ -5,18 +5,21 @@ learns with the subinterval score-matching target of §4.2. The last phase (s = 
 progressively (phase 0 first) or alternately."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
 from fewstep.methods import PhasedDMDConfig
-from fewstep.models.adapters import expert_denoiser
+from fewstep.models.adapters import WithAdapter, expert_denoiser
+from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
-from fewstep.recipes.dmd2 import teacher_cond_uncond
+from fewstep.recipes.build import inference_spec
+from fewstep.recipes.dmd2 import dmd_student_times, teacher_cond_uncond
 
 
 
@@ -130,3 +133,57 @@ class PhasedDMD(Recipe):
             target = L.subinterval_target(x_t, anchor, s, t, self.schedule, kind="x0")
         weight = L.denoising_weight(t, self.schedule, self.teacher.prediction)
         return L.critic_denoising_loss(self.critics[k](x_t, t, batch.cond), target, weight)
+
+
+def build_phased_dmd(cfg: DictConfig, teacher: Teacher) -> PhasedDMD:
+    """One expert ("phase<k>") and one critic per phase (algorithms.md §4.1): LoRA adapters on the frozen base, or
+    full trainable copies (student.mode=full, method.critic_mode=full). Copies are taken from the clean base before
+    any adapter is added to it."""
+    method = OmegaConf.to_object(cfg.method)
+    names = [f"phase{k}" for k in range(len(method.phase_steps))]
+    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    teacher.net.requires_grad_(False)
+    critics = phase_critics(teacher, method, targets, len(names)) if method.critic_mode == "full" else None
+    net, expert_params = phase_experts(cfg, teacher, names, targets)
+    critics = critics or phase_critics(teacher, method, targets, len(names))
+    spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
+    bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(names))]
+    spec.experts = [(name, b) for name, b in zip(names, bounds)]
+    return PhasedDMD(teacher=teacher, net=net, experts=names, expert_params=expert_params, critics=critics[0],
+                     critic_params=critics[1], real=WithAdapter(teacher.denoiser(teacher.net), None), config=method,
+                     inference=spec, total_steps=cfg.train.steps)
+
+
+def phase_experts(cfg: DictConfig, teacher: Teacher, names: list[str],
+                  targets: list[str]) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """(network holding the experts, their trainable parameters): one LoRA adapter per name on the frozen base
+    (student.mode=lora), or an nn.ModuleDict of full trainable copies of the teacher network keyed by name."""
+    from fewstep.models.adapters import add_named_adapter
+
+    if cfg.student.mode == "full":
+        net: torch.nn.Module = torch.nn.ModuleDict({name: full_copy(teacher.net) for name in names})
+        params = dict(net.named_parameters())
+        nets = list(net.values())
+    else:
+        lora, net, params, nets = cfg.student.lora, teacher.net, {}, [teacher.net]
+        for name in names:
+            params.update(add_named_adapter(net, name, lora.rank, lora.alpha, targets))
+    if cfg.student.gradient_checkpointing:
+        for m in nets:
+            m.enable_gradient_checkpointing()
+    return net, params
+
+
+def phase_critics(teacher: Teacher, method: Any, targets: list[str],
+                  n: int) -> tuple[list[torch.nn.Module], dict[str, torch.nn.Parameter]]:
+    """(critic denoiser per phase, all their trainable parameters): LoRA adapters "critic<k>" on the frozen base,
+    or full copies (method.critic_mode=full) whose parameter names get a "critic<k>." prefix."""
+    from fewstep.recipes.critic import build_critic
+
+    critics, params = [], {}
+    for k in range(n):
+        name = f"critic{k}"
+        den, _, p = build_critic(teacher, method.critic_mode, method.critic_rank, method.critic_alpha, targets, name=name)
+        critics.append(den)
+        params.update(p if method.critic_mode == "lora" else {f"{name}.{key}": v for key, v in p.items()})
+    return critics, params
