@@ -21,6 +21,8 @@ from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
 from fewstep.recipes.build import build_student, inference_spec
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
+from fewstep.sampling.rollout import rollout
+from fewstep.sampling.steps import renoise_step
 
 
 
@@ -112,20 +114,14 @@ class DMD2(Recipe):
         dev = next(iter(batch.cond.values())).device
         k = int(torch.randint(0, len(self.times), (1,), generator=generator))
         x = torch.randn(shape, generator=generator).to(dev)
-        if k > 0:
+        if k > 0 and not self.cfg.backward_simulation:
             with torch.no_grad():
-                x = self._simulate(x, k, batch, generator) if self.cfg.backward_simulation else \
-                    self._noised_real(batch, k, generator)
-        tk = self.times[k].to(dev).expand(len(x))
-        with torch.set_grad_enabled(grad):
-            return self.student(x, tk, batch.cond)
-
-    def _simulate(self, x: Tensor, k: int, batch: Batch, generator: torch.Generator) -> Tensor:
-        for j in range(k):
-            x0 = self.student(x, self.times[j].to(x.device).expand(len(x)), batch.cond)
-            x = diffuse(x0, self.times[j + 1].to(x.device).expand(len(x)), self.schedule,
-                        torch.randn(x.shape, generator=generator))
-        return x
+                x = self._noised_real(batch, k, generator)
+            with torch.set_grad_enabled(grad):
+                return self.student(x, self.times[k].to(dev).expand(len(x)), batch.cond)
+        with torch.set_grad_enabled(grad):   # the student's own re-noising sampler up to step k (§3.3)
+            return rollout(self.student, x, self.times, self.schedule, cond=batch.cond, step=renoise_step,
+                           generator=generator, until=k, grad="last").x0
 
     def _noised_real(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
         if batch.x0.numel() == 0:

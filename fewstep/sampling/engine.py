@@ -5,9 +5,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fewstep.diffusion.schedule import Schedule
+from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import Generators, Step, ddim_step, randn
 
 
@@ -19,19 +19,13 @@ def sample(denoiser: nn.Module | Callable[..., Tensor], noise: Tensor, times: Te
     """Integrate from times[0] to times[-1] (= 0), e.g. times = tensor([1.0, 0.75, 0.5, 0.25, 0.0]).
 
     Each iteration asks the denoiser for x0 at the current time and lets `step` move to the next time (the steps
-    in `fewstep.sampling.steps`). The times handed to both are CPU tensors whatever the device of `noise`: the
-    schedule's coefficients are computed (and memoised) on the host and copied over without synchronising. `generator` feeds stochastic steps; `callback(i=, t=, x=, x0=)` observes.
+    in `fewstep.sampling.steps`); this is `fewstep.sampling.rollout.rollout` without gradients. The times handed
+    to both are CPU tensors whatever the device of `noise`: the schedule's coefficients are computed (and
+    memoised) on the host and copied over without synchronising. `generator` feeds stochastic steps;
+    `callback(i=, t=, x=, x0=)` observes.
     """
-    x = noise
-    times = times.detach().cpu()   # time arithmetic stays on the host: no per-step kernels or synchronisations
-    pairs = list(zip(times[:-1], times[1:]))
-    for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="sampling", leave=False)):
-        tb, tb_next = t.expand(len(x)), t_next.expand(len(x))
-        x0 = denoiser(x, tb, cond)
-        if callback is not None:
-            callback(i=i, t=t, x=x, x0=x0)
-        x = step(x, x0, tb, tb_next, schedule, generator, **step_kwargs)
-    return x
+    return rollout(denoiser, noise, times, schedule, cond=cond, step=step, generator=generator, grad="none",
+                   callback=callback, progress=progress, **step_kwargs).x
 
 
 def initial_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str = "cpu") -> Tensor:
