@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewstep import paths
 from fewstep.config import load_config, load_saved_config
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, is_main_rank
 
 
 @dataclass
@@ -72,8 +72,8 @@ def plan_output(cfg: DictConfig) -> Path | None:
     if out.exists() and not out.is_dir():
         raise FewstepError(f"output_dir={out} is a file; pass a folder path")
     resume = paths.resolve_resume(cfg.resume, out)
-    if resume is not None:
-        return resume
+    if resume is not None or not is_main_rank():   # the main process alone judges the folder: it may already
+        return resume                              # have written config.yaml when a slower process gets here
     if out.is_dir() and any(out.iterdir()):
         what = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         if cfg.resume == "latest":

@@ -180,6 +180,21 @@ def test_a_used_output_dir_is_never_reused(capsys, teacher_dir: Path, tmp_path: 
     assert snapshot(out) == before
 
 
+def test_only_the_main_process_judges_the_output_dir(tmp_path: Path, monkeypatch):
+    """In a multi-process launch the main process writes config.yaml once its models are built; a slower process
+    that gets to preflight after that must not take the folder for someone else's run."""
+    from fewstep.distill import preflight
+    from fewstep.errors import FewstepError
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.yaml").write_text("recipe: lcm\n")
+    with pytest.raises(FewstepError, match="is not empty"):
+        preflight([f"output_dir={out}"])
+    monkeypatch.setenv("RANK", "1")
+    assert preflight([f"output_dir={out}"]).resume is None
+
+
 def test_resume_latest_on_a_finished_run_changes_nothing(capsys, teacher_dir: Path, tmp_path: Path):
     out = tmp_path / "r"
     main(tiny_run(teacher_dir, out, "train.steps=1"))
