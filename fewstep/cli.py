@@ -12,6 +12,12 @@ from fewstep.cli_args import OneLineParser, guidance_scale, non_negative_int, pi
 from fewstep.errors import guarded
 
 
+def add_overwrite(parser: OneLineParser) -> None:
+    """The one flag that lets a command replace a used --out (paths.claim_output / staged_output)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (only once the new output is complete)")
+
+
 def _parser() -> OneLineParser:
     p = OneLineParser(prog="fewstep", description="Few-step distillation of Diffusers teachers.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -23,7 +29,7 @@ def _parser() -> OneLineParser:
     s = sub.add_parser("sample", help="generate images from a preset, a pipeline folder or an export folder")
     s.add_argument("model", help="preset name (toy-digits), Diffusers pipeline folder, or fewstep export folder")
     s.add_argument("--out", required=True, help="output folder for 00000.png ... and metadata.jsonl")
-    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new output is complete)")
+    add_overwrite(s)
     s.add_argument("--num-images", type=positive_int, default=16)
     s.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: export's, or 50 for a teacher)")
     s.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale, 1 = off (default: export's, or 1.0)")
@@ -38,7 +44,7 @@ def _parser() -> OneLineParser:
     q = sub.add_parser("pairs", help="cache teacher noise->image pairs for recipe=dmd's regression loss")
     q.add_argument("model", help="preset name or Diffusers pipeline folder (the teacher)")
     q.add_argument("--out", required=True)
-    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new output is complete)")
+    add_overwrite(q)
     q.add_argument("--num", type=positive_int, default=2000)
     q.add_argument("--steps", type=positive_int, default=50, help="teacher DDIM/Euler steps")
     q.add_argument("--guidance", type=guidance_scale, default=2.0, help="teacher CFG scale (use the distillation's)")
@@ -49,10 +55,10 @@ def _parser() -> OneLineParser:
     e = sub.add_parser("export", help="rebuild the export of a checkpoint or a run folder")
     e.add_argument("checkpoint", help="runs/x (newest checkpoint) or runs/x/checkpoints/step-0000200")
     e.add_argument("--out", default=None, help="destination (default: <run>/exports/<checkpoint name>)")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new output is complete)")
+    add_overwrite(e)
     b = sub.add_parser("bench", help="latency, throughput, memory and NFE of generation (engine, optionally vs stock)")
     b.add_argument("model", help="preset name (toy-digits), Diffusers pipeline folder, or fewstep export folder")
-    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new output is complete)")
+    add_overwrite(b)
     b.add_argument("--steps", default="1,4", help="comma-separated step counts, e.g. 1,4,50")
     b.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,8")
     b.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale, 1 = off (default: export's, or 1.0)")
