@@ -31,7 +31,7 @@ def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_di
     from fewstep.models.lora import save_lora
 
     fam = teacher.family
-    sched_name, sched_config = fam.student_scheduler(teacher.pipe)
+    sched_name, sched_config = fam.student_scheduler(teacher.pipe, spec.step)
     lora = lora_config_dict(net) if has_lora(net) else None
     kinds: list[str] = []
     with staged_output(out_dir) as tmp:

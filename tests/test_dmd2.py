@@ -167,7 +167,7 @@ def test_dmd_one_step_with_teacher_pairs(teacher_dir: Path, tmp_path: Path, caps
 # -- decoupled guidance (algorithms.md §7.1) --------------------------------------------------------------------
 
 def _latents(recipe, batch, seed: int = 0) -> torch.Tensor:
-    return torch.randn((len(batch.prompts), *recipe.teacher.latent_shape()), generator=torch.Generator().manual_seed(seed))
+    return torch.randn((len(batch.prompts), *recipe.shape), generator=torch.Generator().manual_seed(seed))
 
 
 def test_decoupled_with_both_weights_zero_gives_an_exactly_zero_direction(teacher_dir: Path, tmp_path: Path):

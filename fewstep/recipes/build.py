@@ -52,3 +52,14 @@ def build_student(cfg: DictConfig, teacher: Teacher, guidance_embedding: bool = 
         return net, WithAdapter(teacher.denoiser(net), None)
     base = add_guidance_embedding(teacher.net, embedding_dim) if guidance_embedding else teacher.net
     return full_copy(base), teacher.denoiser()
+
+
+def dmd_student_times(teacher: Teacher, steps: int) -> torch.Tensor:
+    """DMD2's fixed student grid: range(T - 1, 0, -T // K) on DDPM tables (999, 749, 499, 249 for K = 4); the
+    teacher's own (shifted) K-step grid for flow teachers. Ends at 0."""
+    sched = teacher.schedule
+    if sched.kind == "vp":
+        n = sched.num_train_timesteps
+        idx = torch.arange(n - 1, 0, -(n // steps), dtype=torch.float64)[:steps]
+        return torch.cat([idx / (n - 1), torch.zeros(1, dtype=torch.float64)])
+    return teacher.teacher_times(steps)

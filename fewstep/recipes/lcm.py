@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
-from fewstep.methods import LCMConfig
+from fewstep.methods.lcm import LCMConfig
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform

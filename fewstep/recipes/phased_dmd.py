@@ -12,14 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
-from fewstep.methods import PhasedDMDConfig
-from fewstep.models.adapters import WithAdapter, expert_denoiser
+from fewstep.diffusion.schedule import Schedule
+from fewstep.methods.phased_dmd import PhasedDMDConfig
+from fewstep.models.adapters import ExpertSwitch, WithAdapter
 from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
+from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
-from fewstep.recipes.build import inference_spec
-from fewstep.recipes.dmd2 import dmd_student_times, teacher_cond_uncond
+from fewstep.recipes.build import dmd_student_times, inference_spec
+from fewstep.sampling.rollout import rollout
+from fewstep.sampling.steps import renoise_step
 
 
 
@@ -35,23 +38,24 @@ def phase_bounds(phase_steps: list[int], times: list[float]) -> list[tuple[int, 
 
 
 class PhasedDMD(Recipe):
-    """`net` holds the experts named in `experts` (high noise first): the shared frozen base carrying one LoRA
-    adapter per expert, or an nn.ModuleDict of full networks keyed by expert name; it is what the export writes."""
+    """`net` holds the experts (high noise first): the shared frozen base carrying one LoRA adapter per expert, or
+    an nn.ModuleDict of full networks keyed by expert name; it is what the export writes. `student` is the
+    inference object that picks the expert of each time (`ExpertSwitch`), the same one sampling uses."""
 
     Config: ClassVar[type] = PhasedDMDConfig
     name: ClassVar[str] = "phased_dmd"
 
-    def __init__(self, teacher: Teacher, net: nn.Module, experts: list[str], expert_params: dict[str, nn.Parameter],
+    def __init__(self, *, student: nn.Module, net: nn.Module, expert_params: dict[str, nn.Parameter],
                  critics: list[nn.Module], critic_params: dict[str, nn.Parameter], real: nn.Module,
-                 config: PhasedDMDConfig, inference: InferenceSpec, total_steps: int) -> None:
-        self.cfg, self.teacher, self.spec, self.net = config, teacher, inference, net
-        self.schedule, self.experts, self.critics, self.real = teacher.schedule, experts, critics, real
-        self.students = [expert_denoiser(teacher.denoiser(net), name) for name in experts]
+                 schedule: Schedule, latent_shape: tuple[int, ...], config: PhasedDMDConfig,
+                 inference: InferenceSpec, critic_space: str, total_steps: int) -> None:
+        self.cfg, self.spec, self.net, self.student = config, inference, net, student
+        self.schedule, self.shape, self.critics, self.real = schedule, tuple(latent_shape), critics, real
+        self.critic_space = critic_space
         self._params = {"student": expert_params, "critic": critic_params}
         self.times = torch.tensor(inference.times, dtype=torch.float64)
         self.bounds = phase_bounds(config.phase_steps, inference.times)
         self.total_steps = total_steps
-        self.expert_of_step = [k for k, (a, b, _) in enumerate(self.bounds) for _ in range(a, b)]
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.net, "critic": nn.ModuleList(self.critics)}
@@ -74,10 +78,6 @@ class PhasedDMD(Recipe):
             return step % k
         return min(step * k // max(self.total_steps, 1), k - 1)
 
-    def expert(self, i: int, x: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """Student step i: expert of its phase, x0 estimate at times[i]."""
-        return self.students[self.expert_of_step[i]](x, self.times[i].to(x.device).expand(len(x)), cond)
-
     def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
         k = self.phase(step)
         losses: dict[str, Tensor] = {}
@@ -86,21 +86,19 @@ class PhasedDMD(Recipe):
         losses["critic"] = self.critic_loss(batch, k, generator)
         return StepOutput(losses, {"phase": float(k)})
 
-    def _start(self, batch: Batch, generator: torch.Generator) -> Tensor:
+    def _student_output(self, batch: Batch, j: int, generator: torch.Generator, grad: bool) -> Tensor:
+        """The student's x0 at step j of its re-noising sampler from fresh noise (steps before j without grad)."""
         dev = next(iter(batch.cond.values())).device
-        return torch.randn((len(batch.prompts), *self.teacher.latent_shape()), generator=generator).to(dev)
+        x = torch.randn((len(batch.prompts), *self.shape), generator=generator).to(dev)
+        with torch.set_grad_enabled(grad):
+            return rollout(self.student, x, self.times, self.schedule, cond=batch.cond, step=renoise_step,
+                           generator=generator, until=j, grad="last").x0
 
-    def _rollout(self, x: Tensor, until: int, batch: Batch, generator: torch.Generator) -> Tensor:
-        """Inference steps 0..until-1 without grad (re-noising sampler), returning the input of step `until`."""
-        with torch.no_grad():
-            for i in range(until):
-                x = self._renoise(self.expert(i, x, batch.cond), float(self.times[i + 1]), generator)
-        return x
-
-    def _renoise(self, x0: Tensor, s: float, generator: torch.Generator) -> Tensor:
+    def _anchor(self, x0: Tensor, s: float, generator: torch.Generator) -> Tensor:
+        """The phase output at its boundary s: x0 re-noised to s (x0 itself at s = 0)."""
         if s == 0:
             return x0
-        return diffuse(x0, torch.full((len(x0),), s, device=x0.device), self.schedule,
+        return diffuse(x0, torch.full((len(x0),), s, dtype=torch.float64), self.schedule,
                        torch.randn(x0.shape, generator=generator))
 
     def _diffuse(self, anchor: Tensor, s: float, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -114,24 +112,22 @@ class PhasedDMD(Recipe):
         and apply the DMD gradient of the anchor's law to x0_j (the anchor is affine in x0_j, §4.3 item 7)."""
         start, end, s = self.bounds[k]
         j = int(torch.randint(start, end, (1,), generator=generator))
-        x0 = self.expert(j, self._rollout(self._start(batch, generator), j, batch, generator), batch.cond)
+        x0 = self._student_output(batch, j, generator, grad=True)
         with torch.no_grad():
-            anchor = self._renoise(x0.detach(), s, generator)
+            anchor = self._anchor(x0.detach(), s, generator)
             x_t, t = self._diffuse(anchor, s, self.cfg.dm_t_min, self.cfg.dm_t_max, generator)
-            xc, xu = teacher_cond_uncond(self.real, x_t, t, batch)
-            x0_real = xu + self.cfg.real_guidance * (xc - xu)
+            x0_real = dm.guided_x0(self.real, x_t, t, batch.cond, batch.neg, self.cfg.real_guidance)
             g = L.dmd_direction(x0, x0_real, self.critics[k](x_t, t, batch.cond), self.cfg.norm_min)
         return L.dmd_loss(x0, g)
 
     def critic_loss(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
         """Critic k learns the score of phase k's output law at t > s_k from the noisy anchor (§4.2 target)."""
         _, end, s = self.bounds[k]
-        x = self._rollout(self._start(batch, generator), end - 1, batch, generator)
         with torch.no_grad():
-            anchor = self._renoise(self.expert(end - 1, x, batch.cond), s, generator)
+            anchor = self._anchor(self._student_output(batch, end - 1, generator, grad=False), s, generator)
             x_t, t = self._diffuse(anchor, s, self.cfg.critic_t_min, self.cfg.critic_t_max, generator)
             target = L.subinterval_target(x_t, anchor, s, t, self.schedule, kind="x0")
-        weight = L.denoising_weight(t, self.schedule, self.teacher.prediction)
+        weight = L.denoising_weight(t, self.schedule, self.critic_space)
         return L.critic_denoising_loss(self.critics[k](x_t, t, batch.cond), target, weight)
 
 
@@ -149,9 +145,11 @@ def build_phased_dmd(cfg: DictConfig, teacher: Teacher) -> PhasedDMD:
     spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
     bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(names))]
     spec.experts = [(name, b) for name, b in zip(names, bounds)]
-    return PhasedDMD(teacher=teacher, net=net, experts=names, expert_params=expert_params, critics=critics[0],
-                     critic_params=critics[1], real=WithAdapter(teacher.denoiser(teacher.net), None), config=method,
-                     inference=spec, total_steps=cfg.train.steps)
+    return PhasedDMD(student=ExpertSwitch(teacher.denoiser(net), spec.experts), net=net,
+                     expert_params=expert_params, critics=critics[0], critic_params=critics[1],
+                     real=WithAdapter(teacher.denoiser(teacher.net), None), schedule=teacher.schedule,
+                     latent_shape=teacher.latent_shape(), config=method, inference=spec,
+                     critic_space=teacher.prediction, total_steps=cfg.train.steps)
 
 
 def phase_experts(cfg: DictConfig, teacher: Teacher, names: list[str],

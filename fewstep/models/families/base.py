@@ -43,7 +43,7 @@ class Family(Protocol):
 
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor: ...
 
-    def student_scheduler(self, pipe: Any) -> tuple[str, dict]: ...
+    def student_scheduler(self, pipe: Any, step: str = "consistency") -> tuple[str, dict]: ...
 
     def student_timesteps(self, pipe: Any, times: Tensor, height: int, width: int) -> list: ...
 
@@ -74,10 +74,19 @@ def vae_decode(vae: nn.Module, x0: Tensor) -> Tensor:
     return (img / 2 + 0.5).clamp(0, 1)
 
 
-def vp_student_scheduler(pipe: Any) -> tuple[str, dict]:
-    """LCMScheduler on the teacher's DDPM table: the stock scheduler that runs a consistency/DMD student."""
-    from diffusers import LCMScheduler
+def vp_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, dict]:
+    """The stock scheduler that runs a student's sampler on the teacher's DDPM table: LCMScheduler for the
+    consistency step (LCM, DMD2, Phased DMD); EulerDiscreteScheduler for deterministic DDIM ("ddim", TDM): Euler on
+    x / alpha in sigma = sigma_t / alpha_t is DDIM with eta = 0 step for step, and with explicit `timesteps` its
+    sigmas are the table's own values, ending at 0. timestep_spacing="leading" only sets init_noise_sigma to
+    sqrt(sigma_max^2 + 1) = 1 / alpha, so the pipeline's scaled input at the first step is the plain noise the
+    student was trained on (with "trailing" it would be sigma_max, off by a factor alpha)."""
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
 
+    if step in ("ddim", "euler"):
+        sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="zero",
+                                                   use_karras_sigmas=False, timestep_spacing="leading")
+        return "EulerDiscreteScheduler", dict(sched.config)
     sched = LCMScheduler.from_config(pipe.scheduler.config)
     return "LCMScheduler", dict(sched.config)
 

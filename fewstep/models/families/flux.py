@@ -136,8 +136,8 @@ class FluxFamily:
         sigmas = np.linspace(1.0, 1 / steps, steps)
         return flow_teacher_times(pipe, steps, sigmas=sigmas, mu=scheduler_mu(pipe, (h // 2) * (w // 2)))
 
-    def student_scheduler(self, pipe: Any) -> tuple[str, dict]:
-        return flow_student_scheduler(pipe)
+    def student_scheduler(self, pipe: Any, step: str = "consistency") -> tuple[str, dict]:
+        return flow_student_scheduler(pipe, step)
 
     def student_timesteps(self, pipe: Any, times: Tensor, height: int, width: int) -> list:
         return flow_student_sigmas(times)

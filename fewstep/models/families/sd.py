@@ -85,8 +85,8 @@ class SDFamily:
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor:
         return vp_teacher_times(pipe, steps)
 
-    def student_scheduler(self, pipe: Any) -> tuple[str, dict]:
-        return vp_student_scheduler(pipe)
+    def student_scheduler(self, pipe: Any, step: str = "consistency") -> tuple[str, dict]:
+        return vp_student_scheduler(pipe, step)
 
     def student_timesteps(self, pipe: Any, times: Tensor, height: int, width: int) -> list:
         return vp_student_timesteps(self.schedule(pipe), times[:-1])

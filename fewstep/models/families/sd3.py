@@ -41,15 +41,17 @@ def flow_teacher_times(pipe: Any, steps: int, sigmas: Sequence[float] | None = N
     return sched.sigmas.double().cpu()
 
 
-def flow_student_scheduler(pipe: Any) -> tuple[str, dict]:
+def flow_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, dict]:
     """FlowMatchEulerDiscreteScheduler with shifting switched off (shift 1, no dynamic shift), so the student's
     own sigmas passed as `sigmas=` reach the pipeline unchanged (algorithms.md §0.3: a shifting scheduler would
     shift already-shifted sigmas a second time), and with `stochastic_sampling`: x0, then fresh noise at the next
-    sigma, the flow form of multistep consistency sampling that every fewstep student uses (`consistency_step`)."""
+    sigma, the flow form of multistep consistency sampling (`consistency_step`); without it for deterministic
+    students (step "ddim"/"euler", TDM), whose Euler step on x0 predictions is DDIM."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
-                                                        use_dynamic_shifting=False, stochastic_sampling=True)
+                                                        use_dynamic_shifting=False,
+                                                        stochastic_sampling=step not in ("ddim", "euler"))
     return "FlowMatchEulerDiscreteScheduler", dict(sched.config)
 
 
@@ -122,8 +124,8 @@ class SD3Family:
             mu = scheduler_mu(pipe, (h // p) * (w // p))
         return flow_teacher_times(pipe, steps, mu=mu)
 
-    def student_scheduler(self, pipe: Any) -> tuple[str, dict]:
-        return flow_student_scheduler(pipe)
+    def student_scheduler(self, pipe: Any, step: str = "consistency") -> tuple[str, dict]:
+        return flow_student_scheduler(pipe, step)
 
     def student_timesteps(self, pipe: Any, times: Tensor, height: int, width: int) -> list:
         return flow_student_sigmas(times)
