@@ -2,6 +2,7 @@
 times. Builders read the validated run config and pass typed arguments to the recipe classes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,3 +64,37 @@ def dmd_student_times(teacher: Teacher, steps: int) -> torch.Tensor:
         idx = torch.arange(n - 1, 0, -(n // steps), dtype=torch.float64)[:steps]
         return torch.cat([idx / (n - 1), torch.zeros(1, dtype=torch.float64)])
     return teacher.teacher_times(steps)
+
+
+@dataclass
+class StudentAndCritic:
+    """A student and a fake-score critic initialised from the teacher (DMD2, TDM)."""
+
+    net: torch.nn.Module                            # the student network the export writes
+    student: torch.nn.Module                        # its denoiser (the live adapter in LoRA mode)
+    student_params: dict[str, torch.nn.Parameter]
+    critic: torch.nn.Module                         # the critic's denoiser
+    critic_net: torch.nn.Module
+    critic_params: dict[str, torch.nn.Parameter]
+
+
+def build_student_and_critic(cfg: DictConfig, teacher: Teacher, critic_mode: str, critic_rank: int,
+                             critic_alpha: float) -> StudentAndCritic:
+    """Student and critic on one frozen base where both are LoRA adapters ("default" and "critic"); a full
+    critic is copied from the clean base before any adapter is added. Enables the student's gradient
+    checkpointing when asked."""
+    from fewstep.models.adapters import STUDENT, adapter_parameters
+    from fewstep.recipes.critic import build_critic
+
+    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
+    critic = build_critic(teacher, "full", 0, 0, targets) if critic_mode == "full" else None
+    net, _ = build_student(cfg, teacher)
+    if critic is None:
+        critic = build_critic(teacher, "lora", critic_rank, critic_alpha, targets)
+    lora = cfg.student.mode == "lora"
+    if cfg.student.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    return StudentAndCritic(net=net,
+                            student=WithAdapter(teacher.denoiser(net), STUDENT) if lora else teacher.denoiser(net),
+                            student_params=adapter_parameters(net, STUDENT) if lora else dict(net.named_parameters()),
+                            critic=critic[0], critic_net=critic[1], critic_params=critic[2])

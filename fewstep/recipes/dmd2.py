@@ -21,7 +21,7 @@ from fewstep.pairs import load_pairs
 from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
-from fewstep.recipes.build import build_student, dmd_student_times, inference_spec
+from fewstep.recipes.build import build_student_and_critic, dmd_student_times, inference_spec
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import renoise_step
@@ -193,24 +193,12 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher) -> DMD2:
     """Student and critic on one frozen base where both are LoRA adapters ("default" and "critic"); a full
     critic is copied from the clean base before any adapter is added."""
     method = OmegaConf.to_object(cfg.method)
-    from fewstep.models.adapters import STUDENT, adapter_parameters
-    from fewstep.recipes.critic import build_critic
-
-    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
-    critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
-    student, _ = build_student(cfg, teacher)
-    if critic is None:
-        critic = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets)
-    lora = cfg.student.mode == "lora"
-    student_params = adapter_parameters(student, STUDENT) if lora else dict(student.named_parameters())
-    student_den = WithAdapter(teacher.denoiser(student), STUDENT) if lora else teacher.denoiser(student)
-    if cfg.student.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    sc = build_student_and_critic(cfg, teacher, method.critic_mode, method.critic_rank, method.critic_alpha)
     use_gan = method.gan_generator_weight > 0 or method.gan_critic_weight > 0
     space = teacher.prediction if method.critic_weighting == "teacher" else method.critic_weighting
-    return DMD2(student=student_den, student_net=student, student_params=student_params,
-                real=WithAdapter(teacher.denoiser(teacher.net), None), critic=critic[0], critic_params=critic[2],
+    return DMD2(student=sc.student, student_net=sc.net, student_params=sc.student_params,
+                real=WithAdapter(teacher.denoiser(teacher.net), None), critic=sc.critic, critic_params=sc.critic_params,
                 schedule=teacher.schedule, latent_shape=teacher.latent_shape(), config=method,
                 inference=inference_spec(cfg, teacher, "consistency", dmd_student_times), critic_space=space,
-                gan=gan_parts(critic[0], critic[1], teacher, method.gan_head_width) if use_gan else None,
+                gan=gan_parts(sc.critic, sc.critic_net, teacher, method.gan_head_width) if use_gan else None,
                 pairs=pairs_draw(method.pairs_path, teacher) if method.regression_weight > 0 else None)

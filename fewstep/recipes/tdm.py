@@ -24,12 +24,12 @@ from fewstep.diffusion.forward import transition, transition_coeffs
 from fewstep.diffusion.param import eps_from_x0
 from fewstep.diffusion.schedule import Schedule, bcast
 from fewstep.methods.tdm import TDMConfig, step_width
-from fewstep.models.adapters import STUDENT, WithAdapter, adapter_parameters
+from fewstep.models.adapters import WithAdapter
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
-from fewstep.recipes.build import build_student
+from fewstep.recipes.build import build_student_and_critic
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import ddim_step, ddim_transfer
 
@@ -231,23 +231,14 @@ def build_tdm(cfg: DictConfig, teacher: Teacher) -> TDM:
     """Student (LoRA on the frozen base, or a full copy) and fake score (LoRA adapter "critic" or full copy, copied
     from the clean base before any adapter is added), both initialised from the teacher (§5.2)."""
     from fewstep.errors import FewstepError
-    from fewstep.recipes.critic import build_critic
 
     method = OmegaConf.to_object(cfg.method)
     table = getattr(teacher.schedule, "num_train_timesteps", 1000)
     if method.total_steps > table:
         raise FewstepError(f"method.total_steps={method.total_steps} exceeds the teacher's {table}-entry table")
-    targets = list(cfg.student.lora.targets) or list(teacher.family.lora_targets)
-    critic = build_critic(teacher, "full", 0, 0, targets) if method.critic_mode == "full" else None
-    student, _ = build_student(cfg, teacher)
-    if critic is None:
-        critic = build_critic(teacher, "lora", method.critic_rank, method.critic_alpha, targets)
-    lora = cfg.student.mode == "lora"
-    if cfg.student.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    return TDM(student=WithAdapter(teacher.denoiser(student), STUDENT) if lora else teacher.denoiser(student),
-               student_net=student,
-               student_params=adapter_parameters(student, STUDENT) if lora else dict(student.named_parameters()),
-               real=WithAdapter(teacher.denoiser(teacher.net), None), critic=critic[0], critic_params=critic[2],
+    sc = build_student_and_critic(cfg, teacher, method.critic_mode, method.critic_rank, method.critic_alpha)
+    return TDM(student=sc.student, student_net=sc.net, student_params=sc.student_params,
+               real=WithAdapter(teacher.denoiser(teacher.net), None), critic=sc.critic,
+               critic_params=sc.critic_params,
                schedule=teacher.schedule, to_t=table_times(teacher.schedule), latent_shape=teacher.latent_shape(),
                config=method, steps=cfg.sample.steps, student_lr=cfg.train.lr * method.student_lr_scale)
