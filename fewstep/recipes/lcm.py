@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fewstep.diffusion.forward import diffuse
+from fewstep.diffusion.schedule import Schedule
 from fewstep.methods.lcm import LCMConfig
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
@@ -37,15 +38,14 @@ class LCM(Recipe):
     Config: ClassVar[type] = LCMConfig
     name: ClassVar[str] = "lcm"
 
-    def __init__(self, teacher: Teacher, student: nn.Module, teacher_denoiser: nn.Module, config: LCMConfig,
-                 inference: InferenceSpec, lora: bool) -> None:
-        self.cfg, self.teacher, self.student_net, self.spec = config, teacher, student, inference
-        self.schedule = teacher.schedule
-        self.student = teacher.denoiser(student)
-        self.real = teacher_denoiser
-        self.grid = solver_grid(teacher, config.num_ddim_timesteps)
-        self.target_net = None if lora else copy.deepcopy(student).requires_grad_(False)
-        self.target = self.student if lora else teacher.denoiser(self.target_net)
+    def __init__(self, *, student: nn.Module, student_net: nn.Module, real: nn.Module, target: nn.Module,
+                 target_net: nn.Module | None, schedule: Schedule, grid: Tensor, config: LCMConfig,
+                 inference: InferenceSpec) -> None:
+        """`student`/`target` are the denoisers of `student_net` and of the EMA `target_net` (LoRA students have
+        none: the target is the online student under no_grad); `grid` is the solver grid of `solver_grid`."""
+        self.cfg, self.spec, self.schedule, self.grid = config, inference, schedule, grid
+        self.student, self.student_net, self.real = student, student_net, real
+        self.target, self.target_net = target, target_net
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.student_net}
@@ -98,5 +98,9 @@ def build_lcm(cfg: DictConfig, teacher: Teacher) -> LCM:
     student, real = build_student(cfg, teacher, method.guidance_embedding, method.embedding_dim)
     if cfg.student.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    return LCM(teacher=teacher, student=student, teacher_denoiser=real, config=method,
-               inference=inference_spec(cfg, teacher, "consistency"), lora=cfg.student.mode == "lora")
+    target_net = None if cfg.student.mode == "lora" else copy.deepcopy(student).requires_grad_(False)
+    online = teacher.denoiser(student)
+    return LCM(student=online, student_net=student, real=real,
+               target=online if target_net is None else teacher.denoiser(target_net), target_net=target_net,
+               schedule=teacher.schedule, grid=solver_grid(teacher, method.num_ddim_timesteps), config=method,
+               inference=inference_spec(cfg, teacher, "consistency"))

@@ -18,6 +18,7 @@ from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.train import checkpoint as ckpt
+from fewstep.train.step import RoleOptimizers, train_iteration
 from fewstep.train.report import save_grid
 
 
@@ -43,8 +44,9 @@ class Trainer:
         self.cfg, self.recipe, self.teacher, self.dataset, self.acc = cfg, recipe, teacher, dataset, accelerator
         self.out = Path(cfg.output_dir)
         self.roles = recipe.trainable()
-        self.params = {role: recipe.parameters(role) for role in self.roles}   # captured once: roles may share a net
-        self.optimizers, self.schedulers = self._optimizers()
+        reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
+        self.optim = RoleOptimizers(recipe, cfg.train, reduce)
+        self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
         self.ema = self._ema()
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + accelerator.process_index)
         self.prompts = PromptCache(teacher)
@@ -53,22 +55,6 @@ class Trainer:
         self._window: dict[str, tuple[float, int]] = {}
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def _optimizers(self) -> tuple[dict[str, torch.optim.Optimizer], dict[str, Any]]:
-        from diffusers.optimization import get_scheduler
-
-        t = self.cfg.train
-        opts, scheds = {}, {}
-        for role in self.roles:
-            params = list(self.params[role].values())
-            if not params:
-                raise FewstepError(f"role {role!r} has no trainable parameters; check student.mode / LoRA targets")
-            settings = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay,
-                        **self.recipe.optimizer_settings(role)}
-            opts[role] = torch.optim.AdamW(params, **settings)
-            scheds[role] = get_scheduler(t.lr_schedule, opts[role], num_warmup_steps=t.warmup_steps,
-                                         num_training_steps=t.steps)
-        return opts, scheds
-
     def _ema(self) -> Any:
         if self.cfg.train.ema_decay <= 0:
             return None
@@ -120,38 +106,12 @@ class Trainer:
         return self.history
 
     def train_iteration(self) -> dict[str, float]:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
         accum = self.cfg.train.gradient_accumulation_steps
-        totals: dict[str, float] = {}
-        stepped: set[str] = set()
-        for micro in range(accum):
-            batch = self.batch(self.step * accum + micro)
-            with self.acc.autocast():
-                out = self.recipe.train_step(batch, self.step, self.generator)
-            loss = sum(out.losses.values()) / accum
-            loss.backward()
-            stepped.update(out.losses)
-            for k, v in {**{f"loss/{r}": float(l.detach()) for r, l in out.losses.items()}, **out.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / accum
-        for role in stepped:
-            totals[f"grad_norm/{role}"] = self._step_role(role)
-        self.recipe.after_optimizer_step(self.step)
+        totals, stepped = train_iteration(self.recipe, self.optim, lambda micro: self.batch(self.step * accum + micro),
+                                          self.step, self.generator, accum, self.acc.autocast)
         if self.ema is not None and "student" in stepped:
             self.ema.step(list(self.params["student"].values()))
         return totals
-
-    def _step_role(self, role: str) -> float:
-        params = list(self.params[role].values())
-        if self.acc.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.acc.reduce(p.grad, reduction="mean")
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or float("inf"))
-        if torch.isfinite(norm):
-            self.optimizers[role].step()
-        self.schedulers[role].step()
-        return float(norm)
 
     # -- outputs -------------------------------------------------------------------------------------------
     def _log(self, row: dict[str, float]) -> None:
