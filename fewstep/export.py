@@ -117,8 +117,9 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher
     meta = read_sidecar(path)
     if meta is None:
         raise FewstepError(f"{path} has no {SIDECAR}; pass an export folder written by fewstep")
+    experts: list[tuple[Any, float]] = []
     if meta.get("experts"):
-        teacher = load_phased(Path(path), meta, device)
+        teacher, experts = load_phased(Path(path), meta, device)
     elif meta.get("lora"):
         from fewstep.models.lora import load_lora
 
@@ -127,14 +128,14 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher
     else:
         teacher = load_teacher(str(path), device=device)
     spec = InferenceSpec(times=meta["times"], step=meta["step"], guidance_scale=meta["guidance_scale"],
-                         experts=[(e["adapter"], float(e["until"])) for e in meta.get("experts") or []])
+                         experts=experts)
     return teacher, spec, meta
 
 
-def load_phased(path: Path, meta: dict[str, Any], device: str | torch.device) -> Teacher:
-    """A phased export whose denoiser switches experts by time by itself (algorithms.md §4.1): LoRA experts load
-    as named adapters into the original teacher; full experts are networks of their own, loaded into the export's
-    shared pipeline (the first one fills its empty network slot)."""
+def load_phased(path: Path, meta: dict[str, Any], device: str | torch.device) -> tuple[Teacher, list[tuple[Any, float]]]:
+    """(bundle, experts for the InferenceSpec) of a phased export (algorithms.md §4.1): LoRA experts load as named
+    adapters into the original teacher; full experts are networks of their own, loaded into the export's shared
+    pipeline (the first one fills its empty network slot)."""
     experts = meta["experts"]
     kinds = {e.get("kind", "lora") for e in experts}
     if kinds not in ({"lora"}, {"full"}):
@@ -152,8 +153,7 @@ def load_phased(path: Path, meta: dict[str, Any], device: str | torch.device) ->
 
         keys = [load_network(path / e["adapter"], device) for e in experts]
         teacher = load_teacher(str(path), device=device, **{FAMILIES[meta["family"]].net_attr: keys[0]})
-    teacher.experts = [(key, float(e["until"])) for key, e in zip(keys, experts)]
-    return teacher
+    return teacher, [(key, float(e["until"])) for key, e in zip(keys, experts)]
 
 
 def load_network(folder: Path, device: str | torch.device) -> nn.Module:

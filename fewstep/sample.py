@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.data.datasets import read_prompts
@@ -39,11 +38,6 @@ def resolve_model(model: str, steps: int | None, guidance: float | None, device:
     spec = InferenceSpec(times=[float(t) for t in teacher.teacher_times(n)], step="ddim",
                          guidance_scale=1.0 if guidance is None else guidance)
     return teacher, spec, model
-
-
-def networks(teacher: Teacher) -> list[nn.Module]:
-    """Every network sampling runs: the pipeline's own, then full phase experts held apart from it (§4.1)."""
-    return [teacher.net, *(key for key, _ in teacher.experts if isinstance(key, nn.Module) and key is not teacher.net)]
 
 
 def choose_prompts(path: str | None, n: int, teacher_name: str) -> list[str]:
@@ -82,7 +76,8 @@ def run_sample(args: Any) -> Path:
     device = pick_device(args.device)
     teacher, spec, name = resolve_model(args.model, args.steps, args.guidance, device)
     teacher.autocast_dtype = precision_dtype(args.precision, device)
-    nets = networks(teacher)
+    nets = spec.networks(teacher.net)
+    denoiser = spec.wrap(teacher.denoiser())
     if args.compile:
         for net in nets:
             net.compile()
@@ -96,7 +91,7 @@ def run_sample(args: Any) -> Path:
             stack.enter_context(set_attention_backend(net, args.attention))
         for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
             sl = slice(i, i + args.batch_size)
-            lat = generate_latents(teacher, teacher.denoiser(), teacher.net, prompts[sl], seeds[sl], times, spec.step,
+            lat = generate_latents(teacher, denoiser, teacher.net, prompts[sl], seeds[sl], times, spec.step,
                                    spec.guidance_scale)
             for j, img in enumerate(teacher.family.decode(teacher.pipe, lat).cpu()):
                 k = i + j

@@ -51,9 +51,9 @@ def test_export_switches_experts_like_a_stock_pipeline(teacher_dir: Path, tmp_pa
     student, spec, _ = load_export(out / "export")
     prompts, seeds = ["a cat", "a dog"], [1, 2]
     times = torch.tensor(spec.times, dtype=torch.float64)
-    ours = generate_latents(student, student.denoiser(), student.net, prompts, seeds, times, spec.step, 1.0)
-    student.experts = [("phase0", 0.0)]                       # phase 0 everywhere: switching must matter
-    single = generate_latents(student, student.denoiser(), student.net, prompts, seeds, times, spec.step, 1.0)
+    ours = generate_latents(student, spec.wrap(student.denoiser()), student.net, prompts, seeds, times, spec.step, 1.0)
+    spec.experts = [("phase0", 0.0)]                          # phase 0 everywhere: switching must matter
+    single = generate_latents(student, spec.wrap(student.denoiser()), student.net, prompts, seeds, times, spec.step, 1.0)
     assert (ours - single).abs().max() > 1e-4
 
     pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir))
@@ -172,12 +172,12 @@ def test_full_expert_export_switches_unets_like_a_stock_pipeline(teacher_dir: Pa
     student, spec, _ = load_export(export)
     prompts, seeds = ["a cat", "a dog"], [1, 2]
     times, w = torch.tensor(spec.times, dtype=torch.float64), meta["guidance_scale"]
-    ours = generate_latents(student, student.denoiser(), student.net, prompts, seeds, times, spec.step, w)
-    experts = student.experts
-    student.experts = [(experts[0][0], 0.0)]                   # phase 0 everywhere: switching must matter
-    single = generate_latents(student, student.denoiser(), student.net, prompts, seeds, times, spec.step, w)
+    ours = generate_latents(student, spec.wrap(student.denoiser()), student.net, prompts, seeds, times, spec.step, w)
+    experts = spec.experts
+    spec.experts = [(experts[0][0], 0.0)]                      # phase 0 everywhere: switching must matter
+    single = generate_latents(student, spec.wrap(student.denoiser()), student.net, prompts, seeds, times, spec.step, w)
     assert (ours - single).abs().max() > 1e-3
-    student.experts = experts
+    spec.experts = experts
 
     nets = {e["adapter"]: UNet2DConditionModel.from_pretrained(str(export / e["adapter"])) for e in meta["experts"]}
     pipe = StableDiffusionPipeline.from_pretrained(str(export), unet=nets["phase0"])

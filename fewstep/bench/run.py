@@ -25,7 +25,8 @@ from fewstep.errors import FewstepError
 from fewstep.paths import claim_output, read_sidecar, staged_output
 from fewstep.models.attention import CUDA_ONLY, set_attention_backend
 from fewstep.models.teacher import DTYPES, Teacher
-from fewstep.sample import networks, precision_dtype, resolve_model
+from fewstep.recipes.base import InferenceSpec
+from fewstep.sample import precision_dtype, resolve_model
 
 BUSY_LOAD_PER_CORE = 0.5   # a 1-minute load average above this x cores: something else is running
 
@@ -142,25 +143,25 @@ def environment(device: str, teacher: Teacher, autocast: torch.dtype | None, opt
     return env
 
 
-def cast_weights(teacher: Teacher, dtype: str) -> None:
+def cast_weights(teacher: Teacher, spec: InferenceSpec, dtype: str) -> None:
     """Every component (and every full phase expert) in `dtype`, as `from_pretrained(torch_dtype=...)` gives."""
     if dtype == "float32":
         return
     teacher.pipe.to(dtype=DTYPES[dtype])
-    for net in networks(teacher):
+    for net in spec.networks(teacher.net):
         net.to(dtype=DTYPES[dtype])
 
 
-def check_stock_supported(teacher: Teacher) -> None:
-    if teacher.experts:
+def check_stock_supported(spec: InferenceSpec) -> None:
+    if spec.experts:
         raise FewstepError("--compare-stock does not support phased exports (the stock call needs per-step adapter "
                            "switching); bench it without --compare-stock")
 
 
-def build_cases(teacher: Teacher, meta: dict | None, step: str, guidance: float, steps: list[int],
+def build_cases(teacher: Teacher, spec: InferenceSpec, meta: dict | None, step: str, guidance: float, steps: list[int],
                 batch_sizes: list[int], prompts: list[str], seed: int, scheduler: Any | None) -> list[Case]:
     """Every steps x batch case with its engine side (and stock side when `scheduler` is given)."""
-    denoiser = teacher.denoiser()
+    denoiser = spec.wrap(teacher.denoiser())
     cases = []
     for k in steps:
         times = grid_for(teacher, meta, k)
@@ -219,18 +220,18 @@ def bench_rows(model: str, steps: list[int], batch_sizes: list[int], opts: Bench
                device: str) -> list[BenchRow]:
     """run_bench after validation: load, build the cases, warn when the machine is busy, time, collect rows."""
     teacher, spec, name = resolve_model(model, None, opts.guidance, device)
-    cast_weights(teacher, opts.dtype)
+    cast_weights(teacher, spec, opts.dtype)
     meta = read_sidecar(Path(model)) if Path(model).is_dir() else None
     loaded_mb = current_memory_mb(device)
     if opts.compare_stock:
-        check_stock_supported(teacher)
+        check_stock_supported(spec)
     autocast = precision_dtype(opts.precision, device)
     teacher.autocast_dtype = autocast
     compile_mode = ("reduce-overhead" if opts.cuda_graphs else "default") if opts.compile or opts.cuda_graphs else None
     warmup = max(opts.warmup, {None: 1, "default": 2, "reduce-overhead": 3}[compile_mode])
     prompts = bench_prompts(opts.prompts, max(batch_sizes), name)
     scheduler = stock_scheduler(teacher, meta) if opts.compare_stock else None
-    cases = build_cases(teacher, meta, spec.step, spec.guidance_scale, steps, batch_sizes, prompts, opts.seed,
+    cases = build_cases(teacher, spec, meta, spec.step, spec.guidance_scale, steps, batch_sizes, prompts, opts.seed,
                         scheduler)
     load = load_average()
     warning = load_warning(load, os.cpu_count())

@@ -85,12 +85,7 @@ class Target:
     def sampler(self) -> tuple[nn.Module, nn.Module]:
         """(denoiser, network) to sample with; phased students switch adapters by time."""
         net = self.net if self.net is not None else self.teacher.net
-        denoiser = self.teacher.denoiser(net)
-        if self.net is not None and self.spec.experts and not self.teacher.experts:
-            from fewstep.models.adapters import ExpertSwitch
-
-            denoiser = ExpertSwitch(denoiser, self.spec.experts)
-        return denoiser, net
+        return self.spec.wrap(self.teacher.denoiser(net)), net
 
 
 def export_meta(model: str) -> dict | None:

@@ -12,7 +12,7 @@ import json
 import platform
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from fewstep.data.digits import class_balanced_prompts, parse_digit
 from fewstep.export import load_export
 from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, digits_mlp_fid, score_digits
 from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_images
 from fewstep.train.report import save_grid
 
@@ -38,21 +39,21 @@ class Row:
     fid_mlp: float = float("nan")   # fid[digits-mlp]; `fid` is fid[digits-cnn]
 
 
-def evaluate(name: str, teacher: Teacher, times: torch.Tensor, step: str, guidance: float, n: int, seed: int,
-             grid_dir: Path | None) -> Row:
+def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int, grid_dir: Path | None) -> Row:
     """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it, save a 10x10 grid."""
     prompts = class_balanced_prompts(n)
     labels = [parse_digit(p) for p in prompts]
     net = teacher.net
     tic = time.perf_counter()
-    images = generate_images(teacher, teacher.denoiser(), net, prompts, list(range(seed, seed + n)), times, step,
-                             guidance, batch_size=250)
+    times = torch.tensor(spec.times, dtype=torch.float64)
+    images = generate_images(teacher, spec.wrap(teacher.denoiser()), net, prompts, list(range(seed, seed + n)), times,
+                             spec.step, spec.guidance_scale, batch_size=250)
     seconds = time.perf_counter() - tic
     scores = score_digits(images, labels)
     if grid_dir is not None:
         order = sorted(range(min(n, 100)), key=lambda i: labels[i])
         save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
-    return Row(name, len(times) - 1, guidance, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n,
+    return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n,
                digits_mlp_fid(images))
 
 
@@ -62,8 +63,8 @@ def slug(name: str) -> str:
 
 def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: int, seed: int,
                  grid_dir: Path | None) -> list[Row]:
-    return [evaluate(f"teacher DDIM {k} steps, w={w:g}", teacher, teacher.teacher_times(k), "ddim", w, n, seed,
-                     grid_dir) for k in steps for w in guidances]
+    return [evaluate(f"teacher DDIM {k} steps, w={w:g}", teacher, InferenceSpec(
+        [float(t) for t in teacher.teacher_times(k)], "ddim", w), n, seed, grid_dir) for k in steps for w in guidances]
 
 
 def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None) -> list[Row]:
@@ -72,9 +73,9 @@ def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, 
     steps = steps or [len(spec.times) - 1]
     rows = []
     for k in steps:
-        times = torch.tensor(spec.times, dtype=torch.float64) if k == len(spec.times) - 1 else student.student_times(k)
-        rows.append(evaluate(f"{label} student {k} steps, w={spec.guidance_scale:g}", student, times, spec.step,
-                             spec.guidance_scale, n, seed, grid_dir))
+        at_k = spec if k == len(spec.times) - 1 else replace(spec, times=[float(t) for t in student.student_times(k)])
+        rows.append(evaluate(f"{label} student {k} steps, w={spec.guidance_scale:g}", student, at_k, n, seed,
+                             grid_dir))
     return rows
 
 

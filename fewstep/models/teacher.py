@@ -55,7 +55,6 @@ class Teacher:
     family: Family
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
-    experts: list = field(default_factory=list)  # phased students: [(adapter name or network, bound)], by time
     _schedule: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (scheduler, schedule)
 
     @property
@@ -81,13 +80,8 @@ class Teacher:
         return self.family.default_size(self.pipe)
 
     def denoiser(self, net: nn.Module | None = None) -> nn.Module:
-        den = Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call,
-                       autocast_dtype=self.autocast_dtype)
-        if not self.experts:
-            return den
-        from fewstep.models.adapters import ExpertSwitch
-
-        return ExpertSwitch(den, self.experts)
+        return Denoiser(net if net is not None else self.net, self.schedule, self.prediction, call=self.family.call,
+                        autocast_dtype=self.autocast_dtype)
 
     def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
         s = size or self.size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,13 +28,28 @@ class Batch:
 
 @dataclass
 class InferenceSpec:
-    """How the trained student samples: times in [0, 1] ending at 0, a step name from fewstep.sampling.steps,
-    and the CFG scale (1 = off)."""
+    """How the trained student samples, the one inference object every sampler goes through (sampling, eval,
+    the trainer's preview, bench) and the export writes: times in [0, 1] ending at 0, a step name from
+    fewstep.sampling.steps, the CFG scale (1 = off), and for students made of several experts (Phased DMD,
+    algorithms.md §4.1) the experts in time order, each a LoRA adapter name or a network of its own, serving the
+    times above its bound."""
 
     times: list[float]
     step: str
     guidance_scale: float = 1.0
-    experts: list[tuple[str, float]] = field(default_factory=list)  # Phased DMD: (LoRA adapter, used while t > bound)
+    experts: list[tuple[Any, float]] = field(default_factory=list)  # (adapter name or network, used while t > bound)
+
+    def wrap(self, denoiser: nn.Module) -> nn.Module:
+        """The denoiser sampling calls: `denoiser` itself, or the switch that picks each time's expert."""
+        if not self.experts:
+            return denoiser
+        from fewstep.models.adapters import ExpertSwitch
+
+        return ExpertSwitch(denoiser, self.experts)
+
+    def networks(self, net: nn.Module) -> list[nn.Module]:
+        """Every network sampling runs: `net` (the pipeline's), then experts that are networks of their own."""
+        return [net, *(key for key, _ in self.experts if isinstance(key, nn.Module) and key is not net)]
 
 
 class Recipe(ABC):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import Schedule
 from fewstep.methods.phased_dmd import PhasedDMDConfig
-from fewstep.models.adapters import ExpertSwitch, WithAdapter
+from fewstep.models.adapters import WithAdapter
 from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import dm
@@ -145,7 +145,7 @@ def build_phased_dmd(cfg: DictConfig, teacher: Teacher) -> PhasedDMD:
     spec = inference_spec(cfg, teacher, "consistency", dmd_student_times)
     bounds = [float(spec.times[sum(method.phase_steps[:k + 1])]) for k in range(len(names))]
     spec.experts = [(name, b) for name, b in zip(names, bounds)]
-    return PhasedDMD(student=ExpertSwitch(teacher.denoiser(net), spec.experts), net=net,
+    return PhasedDMD(student=spec.wrap(teacher.denoiser(net)), net=net,
                      expert_params=expert_params, critics=critics[0], critic_params=critics[1],
                      real=WithAdapter(teacher.denoiser(teacher.net), None), schedule=teacher.schedule,
                      latent_shape=teacher.latent_shape(), config=method, inference=spec,

@@ -172,12 +172,7 @@ class Trainer:
         n = self.cfg.sample.grid_size
         prompts = preview_prompts(self.dataset, n)
         net = self.recipe.export_net()
-        denoiser = self.teacher.denoiser(net)
-        if spec.experts:
-            from fewstep.models.adapters import ExpertSwitch
-
-            denoiser = ExpertSwitch(denoiser, spec.experts)
-        return generate_images(self.teacher, denoiser, net, prompts, list(range(n)),
+        return generate_images(self.teacher, spec.wrap(self.teacher.denoiser(net)), net, prompts, list(range(n)),
                                torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale)
 
     def check_replicas_in_sync(self) -> None:
