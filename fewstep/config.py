@@ -120,12 +120,22 @@ def _where(exc: Exception) -> str:
     return f": line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
 
 
+YAML_WORDS = {"no", "yes", "on", "off", "y", "n"}
+
+
+def _keep_word(arg: str) -> str:
+    """`train.mixed_precision=no` stays the string "no" (YAML 1.1 would read it as False, which a string setting
+    then holds as "False"); boolean settings still accept no/yes/on/off, which OmegaConf reads as booleans."""
+    key, _, value = arg.partition("=")
+    return f"{key}='{value}'" if value.lower() in YAML_WORDS else arg
+
+
 def _parse_cli(argv: list[str]) -> DictConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise FewstepError(f"arguments must be key=value (got {bad[0]!r}); e.g. recipe=lcm model=toy-digits train.steps=200")
     try:
-        return OmegaConf.from_dotlist(argv)
+        return OmegaConf.from_dotlist([_keep_word(a) for a in argv])
     except Exception as exc:  # OmegaConf and YAML errors in a value such as 'train.betas=[0.9'
         raise FewstepError(f"cannot parse overrides {' '.join(argv)}{_where(exc)}") from exc
 

@@ -68,28 +68,19 @@ def save_experts(teacher: Teacher, net: nn.Module, names: list[str], sched_name:
     """Each phase expert under `out/<name>/` and its kind: "lora" (a stock LoRA file for the teacher) or "full" (the
     network's own `save_pretrained` folder; the pipeline's other parts and the student scheduler are then written
     once at `out`, with an empty network slot)."""
+    from fewstep.models.lora import save_lora
+
     kinds = []
     for name in names:
         expert = expert_network(net, name)
         if expert is None:
-            save_named_adapter(teacher, net, name, out / name)
+            save_lora(teacher.family, net, out / name, adapter_name=name)
         else:
             expert.save_pretrained(str(out / name), safe_serialization=True)
         kinds.append("lora" if expert is None else "full")
     if "full" in kinds:
         save_full_pipeline(teacher, None, sched_name, sched_config, out)
     return kinds
-
-
-def save_named_adapter(teacher: Teacher, net: nn.Module, name: str, out: Path) -> None:
-    """One adapter of a multi-adapter network as a stock diffusers LoRA file (with its alpha metadata), in the one
-    key format `load_lora_weights` loads whole (`fewstep.models.lora.save_stock_adapter`)."""
-    from fewstep.models.lora import save_stock_adapter, supports_stock_lora
-
-    fam = teacher.family
-    if not supports_stock_lora(fam.pipeline_cls):
-        raise FewstepError(f"{fam.pipeline_cls.__name__} cannot load LoRA files, so phased experts cannot be exported")
-    save_stock_adapter(fam, net, out, adapter_name=name)
 
 
 def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str, sched_config: dict, out: Path) -> None:

@@ -14,6 +14,12 @@ def test_defaults_and_overrides():
     assert cfg.output_dir == "runs/lcm-toy-digits"
 
 
+def test_yaml_words_stay_strings_for_string_settings():
+    """`no` is YAML 1.1 for False; on the command line it must stay the string a string setting expects."""
+    cfg = load_config(["recipe=lcm", "train.mixed_precision=no", "train.progress=no", "student.lora.rank=4"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress is False
+
+
 def test_model_presets_layer_on_top():
     cfg = load_config(["recipe=lcm", "model=sdxl", "data.path=/data/x"])
     assert cfg.teacher.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"

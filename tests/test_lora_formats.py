@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,7 +19,6 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fewstep.errors import FewstepError  # noqa: E402
-from fewstep.export import save_named_adapter  # noqa: E402
 from fewstep.models.families import FAMILIES  # noqa: E402
 from fewstep.models.lora import (STOCK_WEIGHTS, add_lora, load_lora, lora_config, lora_state_dict,  # noqa: E402
                                  quiet_text_encoder_warnings, save_lora)
@@ -110,14 +108,16 @@ def test_fewstep_loader_wide_targets(name: str, tmp_path: Path, capfd: Any, diff
     assert "No LoRA keys associated" not in capfd.readouterr().err  # the text-encoder notice is silenced
 
 
-def test_phased_experts_load_whole(tmp_path: Path) -> None:
-    family = FAMILIES["sd"]
-    _, net = _trained("sd", LCM_LORA, ("phase0", "phase1"))
-    fresh = FACTORIES["sd"]()
+@pytest.mark.parametrize("name", ["sd", "pixart"])
+def test_phased_experts_load_whole(name: str, tmp_path: Path) -> None:
+    """Each named expert adapter saves alone (stock file, or peft's folder for PixArt) and loads back whole."""
+    family = FAMILIES[name]
+    _, net = _trained(name, LCM_LORA if name == "sd" else _targets(name, "wide"), ("phase0", "phase1"))
+    fresh = FACTORIES[name]()
     for adapter in ("phase0", "phase1"):
-        save_named_adapter(SimpleNamespace(family=family), net, adapter, tmp_path / adapter)
+        save_lora(family, net, tmp_path / adapter, adapter_name=adapter)
         load_lora(family, fresh, tmp_path / adapter, adapter_name=adapter)
-        _assert_same_adapter(net, fresh.unet, adapter, adapter)
+        _assert_same_adapter(net, getattr(fresh, family.net_attr), adapter, adapter)
 
 
 def _mixed_format_file(folder: Path) -> Path:

@@ -10,13 +10,43 @@ network of its own (full-copy experts), so samplers never care which.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from torch import Tensor, nn
 
 STUDENT = "default"
 CRITIC = "critic"
+
+
+def enable_checkpointing(net: nn.Module) -> None:
+    """Gradient checkpointing whose recomputation sees the adapters that were live in the block's forward.
+
+    diffusers' default recomputes a block in the backward pass with whatever adapter is live *then*: on a base
+    shared by several roles (student and critic adapters, phase experts) the critic's blocks were recomputed with
+    the student's adapter (DMD2: silently wrong critic gradients) and a phase expert's with another phase's
+    (an error). Here each checkpointed block records its LoRA layers' live state and recomputes under it."""
+    import torch.utils.checkpoint as cp
+
+    def checkpoint(module: nn.Module, *args: object) -> object:
+        layers = tuner_layers(module)
+        state = [(list(m._active_adapter), m._disable_adapters) for m in layers]
+        return cp.checkpoint(module.__call__, *args, use_reentrant=False,
+                             context_fn=lambda: (nullcontext(), _layer_state(layers, state)))
+
+    net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
+
+@contextmanager
+def _layer_state(layers: list[nn.Module], state: list[tuple[list[str], bool]]) -> Iterator[None]:
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m, (active, disabled) in zip(layers, state):
+        m._active_adapter, m._disable_adapters = active, disabled
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
 
 
 def tuner_layers(net: nn.Module) -> list[nn.Module]:

@@ -83,12 +83,12 @@ def save_stock_adapter(family: Any, net: nn.Module, out_dir: str | Path, adapter
     return out
 
 
-def save_lora(family: Any, net: nn.Module, out_dir: str | Path) -> Path:
-    """Write the adapter of `net` so a fresh stock pipeline can load it (stock path or the peft fallback)."""
+def save_lora(family: Any, net: nn.Module, out_dir: str | Path, adapter_name: str = ADAPTER) -> Path:
+    """Write one adapter of `net` so a fresh stock pipeline can load it (stock path or the peft fallback)."""
     out = Path(out_dir)
     if supports_stock_lora(family.pipeline_cls):
-        return save_stock_adapter(family, net, out)
-    return _save_peft(net, net.peft_config[ADAPTER], out / family.net_attr)
+        return save_stock_adapter(family, net, out, adapter_name=adapter_name)
+    return _save_peft(net, net.peft_config[adapter_name], out / family.net_attr, adapter_name)
 
 
 def load_lora(family: Any, pipe: Any, lora_dir: str | Path, adapter_name: str | None = None) -> Any:
@@ -185,13 +185,13 @@ def quiet_text_encoder_warnings() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def _save_peft(net: nn.Module, config: Any, folder: Path) -> Path:
+def _save_peft(net: nn.Module, config: Any, folder: Path, adapter_name: str = ADAPTER) -> Path:
     """peft's adapter format (what `PeftModel.save_pretrained` writes) for a model with an injected adapter."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
-    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(net).items()}
+    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(net, adapter_name).items()}
     save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     return folder
 

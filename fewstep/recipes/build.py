@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from fewstep.errors import FewstepError
-from fewstep.models.adapters import WithAdapter
+from fewstep.models.adapters import WithAdapter, enable_checkpointing
 from fewstep.models.student import add_guidance_embedding, add_lora, full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec
@@ -93,7 +93,7 @@ def build_student_and_critic(cfg: DictConfig, teacher: Teacher, critic_mode: str
         critic = build_critic(teacher, "lora", critic_rank, critic_alpha, targets)
     lora = cfg.student.mode == "lora"
     if cfg.student.gradient_checkpointing:
-        net.enable_gradient_checkpointing()
+        enable_checkpointing(net)
     return StudentAndCritic(net=net,
                             student=WithAdapter(teacher.denoiser(net), STUDENT) if lora else teacher.denoiser(net),
                             student_params=adapter_parameters(net, STUDENT) if lora else dict(net.named_parameters()),

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import Schedule
 from fewstep.methods.lcm import LCMConfig
+from fewstep.models.adapters import enable_checkpointing
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
@@ -97,7 +98,7 @@ def build_lcm(cfg: DictConfig, teacher: Teacher) -> LCM:
     method = OmegaConf.to_object(cfg.method)
     student, real = build_student(cfg, teacher, method.guidance_embedding, method.embedding_dim)
     if cfg.student.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+        enable_checkpointing(student)
     target_net = None if cfg.student.mode == "lora" else copy.deepcopy(student).requires_grad_(False)
     online = teacher.denoiser(student)
     return LCM(student=online, student_net=student, real=real,

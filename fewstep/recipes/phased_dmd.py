@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import Schedule
 from fewstep.methods.phased_dmd import PhasedDMDConfig
-from fewstep.models.adapters import WithAdapter
+from fewstep.models.adapters import WithAdapter, enable_checkpointing
 from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import dm
@@ -168,7 +168,7 @@ def phase_experts(cfg: DictConfig, teacher: Teacher, names: list[str],
             params.update(add_named_adapter(net, name, lora.rank, lora.alpha, targets))
     if cfg.student.gradient_checkpointing:
         for m in nets:
-            m.enable_gradient_checkpointing()
+            enable_checkpointing(m)
     return net, params
 
 
