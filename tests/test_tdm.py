@@ -160,10 +160,10 @@ def tdm_argv(teacher, out, *extra):
             "method.total_steps=900", "method.real_guidance=2.0", *extra]
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
-def test_lora_export_reproduced_by_the_stock_pipeline(family, tmp_path):
+@pytest.mark.parametrize("family,sampler", [("sd", "ddim"), ("sd3", "ddim"), ("sd", "dpmsolver")])
+def test_lora_export_reproduced_by_the_stock_pipeline(family, sampler, tmp_path):
     """Two TDM steps, then the stock pipeline with the recorded scheduler (Euler on the DDPM table / deterministic
-    flow Euler), timesteps or sigmas, and load_lora_weights reproduces our deterministic DDIM sampler."""
+    flow Euler / DPMSolverMultistepScheduler), timesteps or sigmas, and load_lora_weights reproduces our sampler."""
     import json
 
     import diffusers
@@ -177,9 +177,9 @@ def test_lora_export_reproduced_by_the_stock_pipeline(family, tmp_path):
     teacher = tmp_path / family
     getattr(tiny_pipelines, f"tiny_{family}")().save_pretrained(str(teacher), safe_serialization=True)
     out = tmp_path / "run"
-    run(tdm_argv(teacher, out))
+    run(tdm_argv(teacher, out, f"method.sampler={sampler}"))
     meta = json.loads((out / "export" / "fewstep.json").read_text())
-    assert meta["recipe"] == "tdm" and meta["step"] == "ddim"
+    assert meta["recipe"] == "tdm" and meta["step"] == sampler
     bundle, spec, _ = load_export(out / "export")
     prompts, seeds = ["a cat", "a dog"], [3, 4]
     ours = generate_latents(bundle, bundle.denoiser(), bundle.net, prompts, seeds,
@@ -191,7 +191,8 @@ def test_lora_export_reproduced_by_the_stock_pipeline(family, tmp_path):
     gens = seed_generators(seeds)
     latents = initial_noise((2, *bundle.latent_shape()), gens)
     if family == "sd":
-        assert meta["scheduler"]["class"] == "EulerDiscreteScheduler" and meta["timesteps"] == [899, 674, 449, 224]
+        stock_class = {"ddim": "EulerDiscreteScheduler", "dpmsolver": "DPMSolverMultistepScheduler"}[sampler]
+        assert meta["scheduler"]["class"] == stock_class and meta["timesteps"] == [899, 674, 449, 224]
         kwargs = {"timesteps": meta["timesteps"]}
     else:
         assert meta["timesteps"] == pytest.approx([0.899, 0.674, 0.449, 0.224], abs=1e-6)
@@ -199,3 +200,16 @@ def test_lora_export_reproduced_by_the_stock_pipeline(family, tmp_path):
     stock = pipe(prompts, latents=latents, generator=gens, guidance_scale=1.0, output_type="latent",
                  **kwargs).images
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+
+
+def test_dpmsolver_sampler_is_refused_on_flow_teachers(tmp_path):
+    import tiny_pipelines
+
+    from fewstep.distill import run
+    from fewstep.errors import FewstepError
+
+    teacher = tmp_path / "sd3"
+    tiny_pipelines.tiny_sd3().save_pretrained(str(teacher), safe_serialization=True)
+    with pytest.raises(FewstepError, match="flow teachers .* method.sampler=ddim"):
+        run(tdm_argv(teacher, tmp_path / "run", "method.sampler=dpmsolver"))
+    assert not (tmp_path / "run" / "export").exists()

@@ -22,6 +22,8 @@ class TDMConfig:
     huber_c: float = 0.001
     norm_min: float = 1e-4              # clamp of the DMD normaliser mean|x0hat - x0_cfg|
     student_lr_scale: float = 0.2       # the student trains at train.lr / 5, the fake score at train.lr
+    sampler: str = "ddim"               # inference: ddim (the training-consistent sampler) | dpmsolver (DPM-Solver++
+                                        # 2M on the same times, the README's DPMSolverMultistepScheduler; DDPM tables)
     critic_mode: str = "lora"           # lora (adapter on the shared frozen base) | full (trainable copy)
     critic_rank: int = 16
     critic_alpha: float = 16.0
@@ -50,6 +52,6 @@ def tdm_rules(method: Any, run: Any) -> None:
 
 
 CARD = MethodCard(name="tdm", config=TDMConfig, builder="fewstep.recipes.tdm:build_tdm",
-                  choices={"interval": ("separate", "global"), "loss": ("huber", "l2"),
+                  choices={"interval": ("separate", "global"), "loss": ("huber", "l2"), "sampler": ("ddim", "dpmsolver"),
                            "critic_mode": ("lora", "full")},
                   rules=tdm_rules)

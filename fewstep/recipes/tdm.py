@@ -149,8 +149,9 @@ class TDM(Recipe):
         return {"lr": self.student_lr} if role == "student" else {}
 
     def inference(self) -> InferenceSpec:
-        """The training-consistent sampler: deterministic DDIM on the trajectory times (§5.6)."""
-        return InferenceSpec(times=[float(t) for t in self.times], step="ddim")
+        """On the trajectory times: deterministic DDIM, the training-consistent sampler, or DPM-Solver++(2M), the
+        official README's DPMSolverMultistepScheduler (§5.6; `method.sampler`)."""
+        return InferenceSpec(times=[float(t) for t in self.times], step=self.cfg.sampler)
 
     def export_net(self) -> nn.Module:
         return self.student_net
@@ -236,6 +237,9 @@ def build_tdm(cfg: DictConfig, teacher: Teacher) -> TDM:
     table = getattr(teacher.schedule, "num_train_timesteps", 1000)
     if method.total_steps > table:
         raise FewstepError(f"method.total_steps={method.total_steps} exceeds the teacher's {table}-entry table")
+    if method.sampler == "dpmsolver" and teacher.schedule.kind != "vp":
+        raise FewstepError("method.sampler=dpmsolver is for DDPM-table teachers (SD1.5, SDXL, PixArt); flow teachers "
+                           "(SD3, FLUX) sample TDM with method.sampler=ddim")
     sc = build_student_and_critic(cfg, teacher, method.critic_mode, method.critic_rank, method.critic_alpha)
     return TDM(student=sc.student, student_net=sc.net, student_params=sc.student_params,
                real=WithAdapter(teacher.denoiser(teacher.net), None), critic=sc.critic,

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from fewstep.models.denoiser import Guided, paired_cond
 from fewstep.models.teacher import Teacher
 from fewstep.sampling.engine import sample, seed_generators
-from fewstep.sampling.steps import STEPS, randn
+from fewstep.sampling.steps import make_step, randn
 
 
 def embeds_guidance(net: nn.Module) -> bool:
@@ -42,7 +42,7 @@ def generate_latents(teacher: Teacher, denoiser: nn.Module, net: nn.Module, prom
         cond["guidance"] = torch.full((len(prompts),), float(guidance), device=device)
     if paired:
         cond = paired_cond(cond, teacher.null_cond(len(prompts)))
-    return sample(call, noise, times, teacher.schedule, cond=cond, step=STEPS[step], generator=gens,
+    return sample(call, noise, times, teacher.schedule, cond=cond, step=make_step(step), generator=gens,
                   noise_fn=noise_fn, **step_kwargs)
 
 

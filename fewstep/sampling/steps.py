@@ -96,5 +96,51 @@ def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Sched
     return transition(x_s, s, t_next, schedule, noise_fn(x_s.shape, generator, x_s.device, x_s.dtype))
 
 
+class DPMSolver2M:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, data prediction), as diffusers' DPMSolverMultistepScheduler runs
+    it with solver_order=2, lower_order_final and final_sigmas_type="zero": the first step is first order (it
+    equals DDIM), later steps use the previous x0 (multistep), and the step to t = 0 returns x0. With
+    lambda = log(alpha / sigma), h = lambda' - lambda and r = h_prev / h:
+
+        x' = (sigma' / sigma) x - alpha' (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)).
+
+    The only stateful step: `make_step("dpmsolver")` gives a fresh one per trajectory (a time that does not
+    decrease also starts a new one)."""
+
+    def __init__(self) -> None:
+        self.prev: tuple[Tensor, Tensor] | None = None     # (x0, lambda) of the previous step
+
+    def __call__(self, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+                 generator: Generators = None, noise_fn: NoiseFn = randn) -> Tensor:
+        if self.prev is not None and bool((t >= self._t_prev).all()):
+            self.prev = None
+        self._t_prev = t
+        if bool((t_next == 0).all()):
+            self.prev = None
+            return x0
+        a, s = (bcast(v.double(), x_t) for v in schedule.alpha_sigma(t))
+        a_next, s_next = (bcast(v.double(), x_t) for v in schedule.alpha_sigma(t_next))
+        lam, lam_next = torch.log(a / s), torch.log(a_next / s_next)
+        h = lam_next - lam
+        d = x0.double()
+        if self.prev is not None:
+            x0_prev, lam_prev = self.prev
+            r = (lam - lam_prev) / h
+            d = d + (d - x0_prev) / (2 * r)
+        self.prev = (x0.double(), lam)
+        return ((s_next / s) * x_t.double() - a_next * torch.expm1(-h) * d).to(x_t.dtype)
+
+
 STEPS: dict[str, Step] = {"ddim": ddim_step, "euler": ddim_step, "consistency": consistency_step,
                           "renoise": renoise_step, "tcd": tcd_step}
+MULTISTEP: dict[str, Callable[[], Step]] = {"dpmsolver": DPMSolver2M}
+STEP_NAMES = (*STEPS, *MULTISTEP)
+
+
+def make_step(name: str) -> Step:
+    """The step function for `name`; multistep solvers (which keep history) come fresh for each trajectory."""
+    if name in MULTISTEP:
+        return MULTISTEP[name]()
+    if name not in STEPS:
+        raise ValueError(f"unknown sampler step {name!r}; choose one of {list(STEP_NAMES)}")
+    return STEPS[name]

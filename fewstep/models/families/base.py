@@ -81,8 +81,13 @@ def vp_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, dic
     sigmas are the table's own values, ending at 0. timestep_spacing="leading" only sets init_noise_sigma to
     sqrt(sigma_max^2 + 1) = 1 / alpha, so the pipeline's scaled input at the first step is the plain noise the
     student was trained on (with "trailing" it would be sigma_max, off by a factor alpha)."""
-    from diffusers import EulerDiscreteScheduler, LCMScheduler
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
+    if step == "dpmsolver":   # fewstep.sampling.steps.DPMSolver2M: DPM-Solver++(2M), first order at both ends
+        sched = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+            final_sigmas_type="zero", use_karras_sigmas=False, thresholding=False)
+        return "DPMSolverMultistepScheduler", dict(sched.config)
     if step in ("ddim", "euler"):
         sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="zero",
                                                    use_karras_sigmas=False, timestep_spacing="leading")
