@@ -160,7 +160,7 @@ def test_unknown_eval_protocol_fails_before_training(teacher_dir: Path, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("recipe", ["lcm", "dmd2", "dmd2_1step", "phased_dmd", "tdm"])
+@pytest.mark.parametrize("recipe", ["lcm", "dmd2", "dmd2_1step", "dmd", "phased_dmd", "tdm"])
 def test_pixart_preset_of_every_recipe_trains_and_exports(recipe: str, tmp_path: Path):
     """`recipe=<r> model=pixart` with the shipped presets (recipes/<r>/pixart.yaml: LoRA student, gradient
     checkpointing, the critic of the recipe) on a tiny random-init PixArtAlphaPipeline: two steps, then the
@@ -175,6 +175,12 @@ def test_pixart_preset_of_every_recipe_trains_and_exports(recipe: str, tmp_path:
     tiny_pipelines.tiny_pixart().save_pretrained(str(teacher), safe_serialization=True)
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     data = [f"data.path={tmp_path / 'prompts.txt'}"] if recipe == "tdm" else ["data.source=digits"]
+    if recipe == "dmd":                                        # its regression term needs a teacher pairs cache
+        from fewstep.models.teacher import load_teacher
+        from fewstep.pairs import build_pairs
+
+        build_pairs(load_teacher(str(teacher)), ["a cat", "a dog"], [0, 1], 2, 1.0, tmp_path / "pairs")
+        data.append(f"method.pairs_path={tmp_path / 'pairs'}")
     args = [f"recipe={recipe}", "model=pixart", f"teacher.pretrained={teacher}", "teacher.dtype=float32",
             "teacher.resolution=16", "train.mixed_precision=no", f"output_dir={tmp_path / 'run'}", "train.steps=2",
             "data.batch_size=2", "sample.grid_size=2", "train.progress=false", "train.checkpoint_every=0", *data]
