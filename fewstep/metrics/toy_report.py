@@ -11,6 +11,8 @@ import argparse
 import json
 import platform
 import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for spec in args.student:
         label, _, path = spec.partition("=")
         rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir)
-    command = "python scripts/toy_benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = markdown(rows, command.strip(), args.num_images)
     print(body)
     write_section(Path(args.results), args.section, body)
