@@ -72,13 +72,6 @@ class AffineFlow(nn.Module):
         a, b = self.coef(t.float()[:, None]).chunk(2, dim=1)
         return x - bcast(t.float(), x) * (a * x + b)
 
-    @torch.no_grad()
-    def affine(self, t: float) -> tuple[float, float]:
-        """(slope, intercept) of x -> x0 at time t (dim 1)."""
-        tt = torch.full((2,), t)
-        y = self(torch.tensor([[0.0], [1.0]]), tt)
-        return float(y[1] - y[0]), float(y[0])
-
 
 class Student1Step(nn.Module):
     """x = z + f(3 z), f zero-initialised: starts at N(0, I), which is rotation invariant, so no ring mode is
@@ -117,7 +110,7 @@ def fit(recipe: Recipe, batch: Callable[[int, torch.Generator], Batch], steps: i
                             grad_clip=0.0)
     optim, gen = RoleOptimizers(recipe, train), torch.Generator().manual_seed(seed)
     for step in range(steps):
-        train_iteration(recipe, optim, [batch(step, gen)], step, gen)
+        train_iteration(recipe, optim, lambda micro: batch(step, gen), step, gen)
 
 
 def params(*modules: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:
@@ -165,10 +158,16 @@ def test_dmd2_one_step_student_covers_the_ring_modes():
 
 # ------------------------------------------------------------------------------------------------------- LCM
 
-def affine_map(step: callable, t: float) -> tuple[float, float]:
-    """(slope, intercept) of an affine map x_t -> x0, from two probe points."""
+@torch.no_grad()
+def affine_map(step: Callable[[Tensor, float], Tensor], t: float) -> tuple[float, float]:
+    """(slope, intercept) of an affine map x_t -> x0 at time t (dim 1), from two probe points."""
     y = step(torch.tensor([[0.0], [1.0]], dtype=torch.float64), t)
     return float(y[1] - y[0]), float(y[0])
+
+
+def at_time(denoiser: nn.Module) -> Callable[[Tensor, float], Tensor]:
+    """A denoiser as a map (x, t) -> x0 with one time for the whole batch."""
+    return lambda x, t: denoiser(x, torch.full((len(x),), t))
 
 
 def solver_map(teacher: nn.Module, grid: Tensor, i: int):
@@ -209,10 +208,10 @@ def test_lcm_student_reaches_the_pf_ode_map_of_a_gaussian_teacher():
         return mu + std * (x - a * mu) / math.sqrt(a**2 * std**2 + b**2)
 
     checks = {1.0: n_grid, 0.6: 12, 0.3: 6}                                         # t -> its grid index
-    start = [abs(u - v) for u, v in zip(student.affine(1.0), affine_map(exact, 1.0))]   # identity map: x0 = x_t
+    start = [abs(u - v) for u, v in zip(affine_map(at_time(student), 1.0), affine_map(exact, 1.0))]   # identity map: x0 = x_t
     fit(recipe, data, 3000, lr=1e-2)
     for t, i in checks.items():
-        slope, intercept = student.affine(t)
+        slope, intercept = affine_map(at_time(student), t)
         ref_slope, ref_intercept = affine_map(exact, t)
         solver_slope, solver_intercept = affine_map(solver_map(teacher, grid, i), t)
         print(f"t={t}: student {slope:.4f} / {intercept:.4f}, solver {solver_slope:.4f} / {solver_intercept:.4f}, "

@@ -55,8 +55,8 @@ def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int
     if grid_dir is not None:
         order = sorted(range(min(n, 100)), key=lambda i: labels[i])
         save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
-    return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n,
-               digits_mlp_fid(images))
+    return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity,
+               seconds / n, n, digits_mlp_fid(images))
 
 
 def slug(name: str) -> str:

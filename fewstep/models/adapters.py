@@ -39,6 +39,7 @@ def enable_checkpointing(net: nn.Module) -> None:
 
 @contextmanager
 def _layer_state(layers: list[nn.Module], state: list[tuple[list[str], bool]]) -> Iterator[None]:
+    """Within the block each LoRA layer has the given (active adapters, disabled) state; restored after."""
     saved = [(m._active_adapter, m._disable_adapters) for m in layers]
     for m, (active, disabled) in zip(layers, state):
         m._active_adapter, m._disable_adapters = active, disabled
@@ -59,17 +60,8 @@ def tuner_layers(net: nn.Module) -> list[nn.Module]:
 def live_adapter(net: nn.Module, name: str | None) -> Iterator[None]:
     """Within the block only adapter `name` is applied (None: no adapter, the frozen base)."""
     layers = tuner_layers(net)
-    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
-    for m in layers:
-        if name is None:
-            m._disable_adapters = True
-        else:
-            m._active_adapter, m._disable_adapters = [name], False
-    try:
+    with _layer_state(layers, [(m._active_adapter if name is None else [name], name is None) for m in layers]):
         yield
-    finally:
-        for m, (active, disabled) in zip(layers, saved):
-            m._active_adapter, m._disable_adapters = active, disabled
 
 
 class WithAdapter(nn.Module):

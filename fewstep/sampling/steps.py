@@ -109,6 +109,7 @@ class DPMSolver2M:
 
     def __init__(self) -> None:
         self.prev: tuple[Tensor, Tensor] | None = None     # (x0, lambda) of the previous step
+        self._t_prev: Tensor | None = None
 
     def __call__(self, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
                  generator: Generators = None, noise_fn: NoiseFn = randn) -> Tensor:

@@ -24,7 +24,7 @@ class RoleOptimizers:
     def __init__(self, recipe: Recipe, train: Any, reduce: Reduce | None = None) -> None:
         from diffusers.optimization import get_scheduler
 
-        self.recipe, self.grad_clip, self.reduce = recipe, float(train.grad_clip or 0), reduce
+        self.grad_clip, self.reduce = float(train.grad_clip or 0), reduce
         self.params: dict[str, dict[str, nn.Parameter]] = {r: recipe.parameters(r) for r in recipe.trainable()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
@@ -55,19 +55,17 @@ class RoleOptimizers:
         return float(norm)
 
 
-def train_iteration(recipe: Recipe, optim: RoleOptimizers, batches: list[Batch] | Callable[[int], Batch], step: int,
+def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int], Batch], step: int,
                     generator: torch.Generator, accumulation: int = 1,
                     autocast: Callable[[], ContextManager] = nullcontext) -> tuple[dict[str, float], set[str]]:
     """(mean losses and metrics over the micro-batches, plus grad_norm/<role>; the roles that stepped).
-    `batches(i)` (or `batches[i]`) is micro-batch i of this iteration."""
-    fetch = batches.__getitem__ if isinstance(batches, list) else batches
+    `batch(i)` is micro-batch i of this iteration."""
     optim.zero_grad()
     totals: dict[str, float] = {}
     stepped: set[str] = set()
     for micro in range(accumulation):
-        batch = fetch(micro)
         with autocast():
-            out = recipe.train_step(batch, step, generator)
+            out = recipe.train_step(batch(micro), step, generator)
         loss = sum(out.losses.values()) / accumulation
         loss.backward()
         stepped.update(out.losses)
