@@ -1,7 +1,9 @@
 """Run configuration: a typed schema per recipe plus OmegaConf, strict about unknown keys and wrong types.
 
 `recipe=lcm model=sdxl train.steps=100` merges, in order: the schema defaults, `recipes/<recipe>.yaml`,
-`recipes/models/<model>.yaml`, `recipes/<recipe>/<model>.yaml` (if present), then the dotted CLI overrides.
+`recipes/models/<model>.yaml`, `recipes/<recipe>/<model>.yaml` (if present), `recipes/<recipe>/<model>.<mode>.yaml`
+for the run's `student.mode` (if present: the tuned settings of a LoRA or a full student, so `student.mode=lora`
+alone switches to them), then the dotted CLI overrides.
 Configs never reach inside classes: builders read them and pass typed keyword arguments.
 """
 from __future__ import annotations
@@ -168,7 +170,20 @@ def load_config(argv: list[str], methods: dict[str, type] | None = None, recipe_
     pair_file = recipe_dir / recipe / f"{model}.yaml"
     if pair_file.is_file():
         layers.append(_load_yaml(pair_file))
+    mode_file = recipe_dir / recipe / f"{model}.{_student_mode(layers, cli)}.yaml"
+    if mode_file.is_file():
+        layers.append(_load_yaml(mode_file))
     return _validate(layers, cli, recipe, model, methods)
+
+
+def _student_mode(layers: list[DictConfig], cli: DictConfig) -> str:
+    """The run's `student.mode` before the mode layer: the command line's, else the last layer that sets it, else
+    the schema default."""
+    for layer in (cli, *reversed(layers)):
+        mode = OmegaConf.select(layer, "student.mode")
+        if mode is not None:
+            return str(mode)
+    return StudentConfig().mode
 
 
 def load_saved_config(path: Path) -> DictConfig:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fewstep.config import available, load_config
+from fewstep.config import RECIPE_DIR, available, load_config
 from fewstep.errors import FewstepError
 
 
@@ -32,6 +32,38 @@ def test_every_shipped_recipe_and_model_validates():
         for model in available("models"):
             load_config([f"recipe={recipe}", f"model={model}", "data.path=/x", "method.pairs_path=/pairs"]
                         if recipe == "dmd" else [f"recipe={recipe}", f"model={model}", "data.path=/x"])
+
+
+WIDE = ("[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,"
+        "downsamplers.0.conv,upsamplers.0.conv,time_emb_proj]")
+
+
+@pytest.mark.parametrize("recipe,measured", [
+    # the overrides that trained the DMD2-LoRA and TDM-LoRA rows of docs/results.md (toy-students) and the lcm-full
+    # rows of toy-lcm-lora, before these settings became the mode layers
+    ("dmd2", ["student.mode=lora", "method.critic_mode=lora", "train.lr=1e-3", f"student.lora.targets={WIDE}"]),
+    ("tdm", ["student.mode=lora", "method.critic_mode=lora", f"student.lora.targets={WIDE}", "student.lora.rank=16",
+             "student.lora.alpha=16", "method.critic_rank=16", "method.critic_alpha=16", "train.lr=1e-3"]),
+    ("lcm", ["student.mode=full", "train.lr=2e-4"]),
+])
+def test_student_mode_layer_is_the_measured_setting(recipe, measured):
+    """`student.mode=lora` alone (or `full` for LCM) picks recipes/<recipe>/toy-digits.<mode>.yaml, which must be
+    exactly the configuration the results tables measured; the command line still overrides it."""
+    base = [f"recipe={recipe}", "model=toy-digits"]
+    mode = measured[0]
+    assert load_config(base + [mode]) == load_config(base + measured)
+    assert load_config(base + [mode, "train.lr=5e-4"]).train.lr == 5e-4
+    default = load_config(base)
+    assert default.student.mode != mode.split("=")[1] and default != load_config(base + measured)
+
+
+def test_every_shipped_mode_layer_validates():
+    layers = sorted(RECIPE_DIR.glob("*/*.*.yaml"))
+    assert layers, "no mode layers found"
+    for layer in layers:
+        model, mode = layer.stem.rsplit(".", 1)
+        cfg = load_config([f"recipe={layer.parent.name}", f"model={model}", f"student.mode={mode}"])
+        assert cfg.student.mode == mode
 
 
 @pytest.mark.parametrize("argv,needle", [
