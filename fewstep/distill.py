@@ -103,14 +103,20 @@ def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> t
 
 def make_accelerator(cfg: DictConfig) -> Any:
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     fp16 = cfg.train.mixed_precision == "fp16"
     if fp16 and not torch.cuda.is_available():
         raise FewstepError("train.mixed_precision=fp16 needs a CUDA device (none here); use train.mixed_precision=bf16 "
                            "or no")
+    # DDP: no per-forward buffer broadcast (the networks run many forwards per step, some on one process only,
+    # for the preview) and no unused-parameter search (it forbids several forwards before one backward; see
+    # fewstep.train.step.RoleOptimizers.backward). Schedules step with their optimizer, once per step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=list(cfg.train.trackers) or None,
-                      project_dir=str(cfg.output_dir))
+                      project_dir=str(cfg.output_dir), kwargs_handlers=[ddp],
+                      gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                      step_scheduler_with_optimizer=False)
     if fp16 and acc.device.type != "cuda":
         raise FewstepError(f"train.mixed_precision=fp16 needs a CUDA device (this run is on {acc.device.type}); use "
                            "train.mixed_precision=bf16 or no")

@@ -8,6 +8,7 @@ import torch
 
 from fewstep.config import load_config
 from fewstep.distill import build_run, run
+from fewstep.sampling.draws import Draws
 from fewstep.train.trainer import Trainer
 
 
@@ -15,7 +16,7 @@ def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["recipe=dmd2", f"teacher.pretrained={teacher}", f"output_dir={out}", "data.batch_size=4",
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
             "method.critic_rank=4", "method.gan_generator_weight=0.01", "method.gan_critic_weight=0.01",
-            "student.mode=lora", "method.critic_mode=lora", *extra]
+            "student.mode=lora", "method.critic_mode=lora", "student.lora.targets=[]", *extra]
 
 
 def make(teacher_dir: Path, tmp_path: Path, *extra: str):
@@ -37,7 +38,7 @@ def test_gradient_isolation(teacher_dir: Path, tmp_path: Path, critic_mode: str)
     student, critic = recipe.parameters("student"), recipe.parameters("critic")
     assert student and critic and not set(map(id, student.values())) & set(map(id, critic.values()))
     assert any(k.startswith("gan_head.") for k in critic)
-    x = recipe.generate(batch, gen, grad=True)
+    x = recipe.generate(batch, Draws.from_generator(gen), grad=True)
     loss, metrics = recipe.student_loss(x, batch, gen)
     loss.backward()
     assert all(g is None for g in _grads(critic)), "the student loss must not reach the critic (GAN term included)"
@@ -45,7 +46,7 @@ def test_gradient_isolation(teacher_dir: Path, tmp_path: Path, critic_mode: str)
     assert "loss/gan_generator" in metrics
     for p in student.values():
         p.grad = None
-    recipe.critic_loss(recipe.generate(batch, gen, grad=False), batch, gen).backward()
+    recipe.critic_loss(recipe.generate(batch, Draws.from_generator(gen), grad=False), batch, gen).backward()
     assert all(g is None for g in _grads(student)), "the critic loss must not reach the student"
     assert all(g is not None for g in _grads(critic))
     frozen = [p for n, p in teacher.net.named_parameters() if "lora_" not in n]
@@ -108,7 +109,7 @@ def test_backward_simulation_input_is_the_inference_state(teacher_dir: Path, tmp
     gen = torch.Generator().manual_seed(5)      # draws k = 3: three simulated hops
     state = gen.get_state()
     with torch.no_grad():
-        recipe.generate(batch, gen, grad=False)
+        recipe.generate(batch, Draws.from_generator(gen), grad=False)
     k = int(torch.randint(0, 4, (1,), generator=torch.Generator().set_state(state)))
     assert k == 3
     gen = torch.Generator().set_state(state)

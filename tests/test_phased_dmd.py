@@ -9,6 +9,7 @@ import torch
 
 from fewstep.config import load_config
 from fewstep.distill import build_run, run
+from fewstep.sampling.draws import Draws
 
 
 def argv(teacher: Path, out: Path, *extra: str) -> list[str]:
@@ -29,7 +30,7 @@ def test_only_the_current_phase_trains(teacher_dir: Path, tmp_path: Path):
     trainer = Trainer(cfg, recipe, teacher, data, Accelerator(cpu=True))
     assert [recipe.phase(i) for i in range(4)] == [0, 0, 1, 1]
     assert recipe.bounds == [(0, 2, pytest.approx(499 / 999)), (2, 4, 0.0)]
-    out = recipe.train_step(trainer.batch(0), 0, torch.Generator().manual_seed(0))
+    out = recipe.train_step(trainer.batch(0), 0, Draws.from_generator(torch.Generator().manual_seed(0)))
     sum(out.losses.values()).backward()
     grads = {n: p.grad for n, p in {**recipe.parameters("student"), **recipe.parameters("critic")}.items()}
     assert all(g is None for n, g in grads.items() if ".phase1." in n or ".critic1." in n)
@@ -101,7 +102,7 @@ def test_full_experts_only_the_current_phase_trains(teacher_dir: Path, tmp_path:
     student, critic = recipe.parameters("student"), recipe.parameters("critic")
     assert {k.split(".")[0] for k in student} == {"phase0", "phase1"}
     assert not set(map(id, student.values())) & {id(p) for p in teacher.net.parameters()}
-    out = recipe.train_step(trainer.batch(0), 0, torch.Generator().manual_seed(0))
+    out = recipe.train_step(trainer.batch(0), 0, Draws.from_generator(torch.Generator().manual_seed(0)))
     sum(out.losses.values()).backward()
     grads = {n: p.grad for n, p in {**student, **critic}.items()}
     assert all(g is None for n, g in grads.items() if owns("phase1", n) or owns("critic1", n))

@@ -19,6 +19,7 @@ from typing import Callable
 
 import pytest
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
 
 from fewstep.data.toy import GaussianDenoiser, GaussianMixtureDenoiser, mode_coverage, ring_means
@@ -34,6 +35,7 @@ from fewstep.recipes.phased_dmd import PhasedDMD, phase_bounds
 from fewstep.recipes.tdm import TDM, table_times
 from fewstep.sampling.engine import sample
 from fewstep.sampling.steps import STEPS
+from fewstep.sampling.draws import Draws
 from fewstep.train.step import RoleOptimizers, train_iteration
 
 N_EVAL = 20_000
@@ -107,10 +109,11 @@ def fit(recipe: Recipe, batch: Callable[[int, torch.Generator], Batch], steps: i
         schedule: str = "cosine", seed: int = 0) -> None:
     """`steps` iterations of the trainer's own optimizer step (fewstep.train.step)."""
     train = SimpleNamespace(lr=lr, betas=betas, weight_decay=0.0, lr_schedule=schedule, warmup_steps=0, steps=steps,
-                            grad_clip=0.0)
-    optim, gen = RoleOptimizers(recipe, train), torch.Generator().manual_seed(seed)
+                            grad_clip=0.0, gradient_accumulation_steps=1)
+    optim, gen = RoleOptimizers(recipe, train, Accelerator(cpu=True)), torch.Generator().manual_seed(seed)
+    draws = Draws.from_generator(gen)
     for step in range(steps):
-        train_iteration(recipe, optim, lambda micro: batch(step, gen), step, gen)
+        train_iteration(recipe, optim, lambda micro: batch(step, gen), lambda micro: draws, step)
 
 
 def params(*modules: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:

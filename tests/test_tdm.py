@@ -11,6 +11,7 @@ from fewstep.methods.tdm import TDMConfig
 from fewstep.recipes.base import Batch
 from fewstep.recipes.tdm import (TDM, generator_loss, importance_weight, interval_start, mixed_noise,
                                  noise_index_bounds, randint_between, table_times, trajectory_indices)
+from fewstep.sampling.draws import Draws
 
 
 def pixart_vp() -> DiscreteVP:
@@ -142,7 +143,7 @@ def test_losses_route_gradients_to_their_own_role():
 
     recipe = tiny_tdm(as_denoiser(student), as_denoiser(fake), PointMass(torch.zeros(1, 2, 2)), schedule,
                       real_guidance=2.0)
-    out = recipe.train_step(batch_of(8), 0, torch.Generator().manual_seed(6))
+    out = recipe.train_step(batch_of(8), 0, Draws.from_generator(torch.Generator().manual_seed(6)))
     out.losses["critic"].backward(retain_graph=True)
     assert student.weight.grad is None and fake.weight.grad.abs().sum() > 0
     fake.weight.grad = None
@@ -157,7 +158,7 @@ def tdm_argv(teacher, out, *extra):
             "sample.grid_size=2", "train.log_every=1", "train.progress=false", "student.lora.rank=4",
             "student.lora.alpha=8", "method.critic_rank=4", "method.critic_alpha=4", "train.steps=2",
             "student.lora.init_scale=0.3", "student.mode=lora", "method.critic_mode=lora",
-            "method.total_steps=900", "method.real_guidance=2.0", *extra]
+            "method.total_steps=900", "method.real_guidance=2.0", "student.lora.targets=[]", *extra]
 
 
 @pytest.mark.parametrize("family,sampler", [("sd", "ddim"), ("sd3", "ddim"), ("sd", "dpmsolver")])

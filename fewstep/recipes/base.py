@@ -6,8 +6,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
+
+from fewstep.sampling.draws import Draws
 
 
 @dataclass
@@ -60,7 +61,8 @@ class Recipe(ABC):
 
     @abstractmethod
     def trainable(self) -> dict[str, nn.Module]:
-        """Role name -> module whose trainable parameters one optimizer owns."""
+        """Role name -> the module holding every parameter that role trains (one optimizer per role; the trainer
+        prepares each network inside it with the engine, so a role parameter outside it is an error)."""
 
     def parameters(self, role: str) -> dict[str, nn.Parameter]:
         """The parameters one role's optimizer owns (names are checkpoint keys). Default: the role module's
@@ -72,8 +74,9 @@ class Recipe(ABC):
         return {}
 
     @abstractmethod
-    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
-        """Losses for this iteration; randomness only from `generator`."""
+    def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
+        """Losses for this iteration; randomness only from `draws` (per-sample draws from `draws.sample`, choices
+        the whole global batch shares from `draws.choice`), so the result does not depend on the world size."""
 
     @abstractmethod
     def inference(self) -> InferenceSpec:
@@ -93,7 +96,3 @@ class Recipe(ABC):
     def export_net(self) -> nn.Module:
         """The network whose weights the export writes (the student, or its EMA)."""
         return self.trainable()["student"]
-
-
-def uniform(generator: torch.Generator, n: int, low: float, high: float, device: torch.device) -> Tensor:
-    return (torch.rand(n, generator=generator) * (high - low) + low).to(device)

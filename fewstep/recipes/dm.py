@@ -16,15 +16,15 @@ from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import Schedule
 from fewstep.models.denoiser import concat_cond
 from fewstep.recipes import losses as L
-from fewstep.recipes.base import uniform
+from fewstep.sampling.draws import Generators, randn, uniform
 
 Cond = dict[str, Tensor]
 
 
-def noise_at(schedule: Schedule, x: Tensor, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def noise_at(schedule: Schedule, x: Tensor, lo: float, hi: float, generator: Generators) -> tuple[Tensor, Tensor]:
     """(alpha_t x + sigma_t n, t) with t ~ U[lo, hi] per sample and fresh noise n (drawn after t)."""
     t = uniform(generator, len(x), lo, hi, x.device)
-    return diffuse(x, t, schedule, torch.randn(x.shape, generator=generator)), t
+    return diffuse(x, t, schedule, randn(x.shape, generator)), t
 
 
 def teacher_cond_uncond(real: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, neg: Cond) -> tuple[Tensor, Tensor]:
@@ -46,7 +46,7 @@ def guided_x0(real: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, neg: Cond, gu
 @torch.no_grad()
 def dm_direction(x: Tensor, real: nn.Module, fake: nn.Module, schedule: Schedule, cond: Cond, neg: Cond, *,
                  guidance: float, t_range: tuple[float, float], norm_min: float | None,
-                 generator: torch.Generator) -> Tensor:
+                 generator: Generators) -> Tensor:
     """The DMD gradient g at the generator sample x (algorithms.md §0.6; Yin et al. 2024, Eq. 7-8): re-noise x to
     t ~ U[t_range], compare the guided teacher's x0 with the fake score's, normalise by mean|x - x0_real|. The
     teacher is always called with both conditions (so its draw order and batch shape do not depend on w)."""
@@ -58,7 +58,7 @@ def dm_direction(x: Tensor, real: nn.Module, fake: nn.Module, schedule: Schedule
 @torch.no_grad()
 def decoupled_direction(x: Tensor, real: nn.Module, fake: nn.Module, schedule: Schedule, cond: Cond, neg: Cond, *,
                         guidance: float, ca: tuple[float, float, float], dm: tuple[float, float, float],
-                        norm_min: float | None, generator: torch.Generator) -> Tensor:
+                        norm_min: float | None, generator: Generators) -> Tensor:
     """Decoupled DMD (algorithms.md §7.1; Liu et al. 2025): the CFG-augmentation and distribution-matching terms
     on separate re-noising draws, each (weight, t_min, t_max); a zero weight skips its draw."""
     g = torch.zeros_like(x)
@@ -74,7 +74,7 @@ def decoupled_direction(x: Tensor, real: nn.Module, fake: nn.Module, schedule: S
 
 
 def fake_score_loss(fake: nn.Module, x: Tensor, cond: Cond, schedule: Schedule, *, t_range: tuple[float, float],
-                    space: str, generator: torch.Generator) -> Tensor:
+                    space: str, generator: Generators) -> Tensor:
     """The fake score's denoising loss on sg(x) (DMD2 §3.4; algorithms.md §2.3): re-noise to t ~ U[t_range] and
     regress x0 in the weighting of `space` ("x0", "eps", "v", "flow"; eps-MSE is DMD2-SD's loss)."""
     x = x.detach()

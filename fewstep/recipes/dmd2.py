@@ -23,11 +23,12 @@ from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
 from fewstep.recipes.build import build_student_and_critic, dmd_student_times, inference_spec
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
+from fewstep.sampling.draws import Draws, Generators, randint, randn
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import renoise_step
 
 # (n, generator, device) -> (teacher noise, teacher sample, encoded conditions) for DMD's regression term
-PairsDraw = Callable[[int, torch.Generator, torch.device], tuple[Tensor, Tensor, dict[str, Tensor]]]
+PairsDraw = Callable[[int, Generators, torch.device], tuple[Tensor, Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -62,7 +63,8 @@ class DMD2(Recipe):
 
     # -- roles ---------------------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.student_net, "critic": self.critic}
+        critic = self.critic if self.gan is None else nn.ModuleList([self.critic, self.gan.head])
+        return {"student": self.student_net, "critic": critic}
 
     def parameters(self, role: str) -> dict[str, nn.Parameter]:
         return self._params[role]
@@ -77,22 +79,23 @@ class DMD2(Recipe):
         return self.student_net
 
     # -- the algorithm -------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+    def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
         student_turn = step % self.cfg.critic_steps_per_student_step == 0          # §3.5: i % N == 0
-        x_gen = self.generate(batch, generator, grad=student_turn)
+        x_gen = self.generate(batch, draws, grad=student_turn)
         losses, metrics = {}, {}
         if student_turn:
-            losses["student"], metrics = self.student_loss(x_gen, batch, generator)
-        losses["critic"] = self.critic_loss(x_gen.detach(), batch, generator)
+            losses["student"], metrics = self.student_loss(x_gen, batch, draws.sample)
+        losses["critic"] = self.critic_loss(x_gen.detach(), batch, draws.sample)
         return StepOutput(losses, metrics)
 
-    def generate(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+    def generate(self, batch: Batch, draws: Draws, grad: bool) -> Tensor:
         """The student's sample for this iteration. With backward simulation, the input at the drawn step k is
         made by running the current student for k steps from fresh noise (no grad); otherwise real latents are
-        noised to tau_k. k = 0 (and t = 999) is pure noise (§3.3). Gradient flows through the last call only."""
-        dev = next(iter(batch.cond.values())).device
-        k = int(torch.randint(0, len(self.times), (1,), generator=generator))
-        x = torch.randn((len(batch.prompts), *self.shape), generator=generator).to(dev)
+        noised to tau_k. k = 0 (and t = 999) is pure noise (§3.3), one k for the whole global batch. Gradient flows
+        through the last call only."""
+        dev, generator = next(iter(batch.cond.values())).device, draws.sample
+        k = draws.choice(0, len(self.times))
+        x = randn((len(batch.prompts), *self.shape), generator, dev)
         if k > 0 and not self.cfg.backward_simulation:
             with torch.no_grad():
                 x = self._noised_real(batch, k, generator)
@@ -102,13 +105,13 @@ class DMD2(Recipe):
             return rollout(self.student, x, self.times, self.schedule, cond=batch.cond, step=renoise_step,
                            generator=generator, until=k, grad="last").x0
 
-    def _noised_real(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
+    def _noised_real(self, batch: Batch, k: int, generator: Generators) -> Tensor:
         if batch.x0.numel() == 0:
             raise FewstepError("method.backward_simulation=false needs real images (data.source=digits or folder)")
         return diffuse(batch.x0, self.times[k].expand(len(batch.x0)), self.schedule,
-                       torch.randn(batch.x0.shape, generator=generator))
+                       randn(batch.x0.shape, generator, batch.x0.device))
 
-    def direction(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+    def direction(self, x: Tensor, batch: Batch, generator: Generators) -> Tensor:
         """The DMD gradient g (§0.6), or the sum of the decoupled CA and DM terms on separate draws (§7.1)."""
         c = self.cfg
         if not c.decoupled:
@@ -120,10 +123,10 @@ class DMD2(Recipe):
                                       dm=(c.dm_weight, *dm.as_range(c, "dm")), norm_min=c.norm_min,
                                       generator=generator)
 
-    def student_loss(self, x_gen: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def student_loss(self, x_gen: Tensor, batch: Batch, generator: Generators) -> tuple[Tensor, dict]:
         g = self.direction(x_gen.detach(), batch, generator)
         loss = L.dmd_loss(x_gen, g)
-        metrics = {"dm_grad_norm": float(g.norm() / max(len(g), 1))}
+        metrics = {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean())}   # per-sample norm, batch mean
         if self.pairs is not None:
             reg = self.regression(len(x_gen), generator, x_gen.device)
             loss = loss + self.cfg.regression_weight * reg
@@ -135,7 +138,7 @@ class DMD2(Recipe):
             metrics["loss/gan_generator"] = float(adv.detach())
         return loss, metrics
 
-    def regression(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    def regression(self, n: int, generator: Generators, device: torch.device) -> Tensor:
         """DMD's regression term (Yin et al. 2024, Eq. 9): the one-step student from stored teacher noise must land
         on the teacher's deterministic sample; in latent space here (L2 or pseudo-Huber)."""
         assert self.pairs is not None
@@ -143,7 +146,7 @@ class DMD2(Recipe):
         pred = self.student(noise, self.times[0].to(device).expand(n), cond)
         return L.regression_loss(pred, target, self.cfg.regression_loss)
 
-    def critic_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+    def critic_loss(self, x: Tensor, batch: Batch, generator: Generators) -> Tensor:
         """Fake-score denoising on sg(student samples), in `critic_space` (eps-MSE for SD, as DMD2; flow-matching
         for flow teachers), plus the GAN discriminator loss."""
         c = self.cfg
@@ -158,7 +161,7 @@ class DMD2(Recipe):
             loss = loss + c.gan_critic_weight * L.gan_discriminator_loss(real, fake)
         return loss
 
-    def _critic_logits(self, x0: Tensor, cond: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    def _critic_logits(self, x0: Tensor, cond: dict[str, Tensor], generator: Generators) -> Tensor:
         """Diffusion-GAN classifier: noise x0 to t ~ U[0, gan_t_max], run the critic, classify its features."""
         assert self.gan is not None
         x_t, t = dm.noise_at(self.schedule, x0, 0.0, self.cfg.gan_t_max, generator)
@@ -181,8 +184,8 @@ def pairs_draw(path: str, teacher: Teacher) -> PairsDraw:
     """Draws from the `fewstep pairs` cache: indices from the recipe's generator, prompts encoded on the way."""
     noise, target, prompts = load_pairs(path)
 
-    def draw(n: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        idx = torch.randint(0, len(noise), (n,), generator=generator)
+    def draw(n: int, generator: Generators, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        idx = randint(generator, len(noise), n)
         cond = teacher.encode_prompts([prompts[i] for i in idx])
         return noise[idx].to(device), target[idx].to(device), {k: v.to(device) for k, v in cond.items()}
 

@@ -14,7 +14,8 @@ from fewstep.methods.lcm import LCMConfig
 from fewstep.models.adapters import enable_checkpointing
 from fewstep.models.denoiser import Guided
 from fewstep.models.teacher import Teacher
-from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
+from fewstep.sampling.draws import Draws, randint, randn, uniform
 from fewstep.recipes.build import build_student, inference_spec
 from fewstep.recipes.losses import consistency_loss, ema_update
 from fewstep.sampling.steps import consistency_x0, ddim_transfer
@@ -57,12 +58,12 @@ class LCM(Recipe):
     def _with_guidance(self, cond: dict[str, Tensor], w: Tensor) -> dict[str, Tensor]:
         return {**cond, "guidance": w} if self.cfg.guidance_embedding else cond
 
-    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
-        x0, dev = batch.x0, batch.x0.device
-        i = torch.randint(0, self.cfg.num_ddim_timesteps, (len(x0),), generator=generator)
+    def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
+        x0, dev, gen = batch.x0, batch.x0.device, draws.sample
+        i = randint(gen, self.cfg.num_ddim_timesteps, len(x0))
         t, t_prev = self.grid[i + 1].to(dev), self.grid[i].to(dev)           # t_{n+k}, t_n
-        x_t = diffuse(x0, t, self.schedule, torch.randn(x0.shape, generator=generator))  # Alg. 1: forward diffusion
-        w = uniform(generator, len(x0), self.cfg.guidance_min, self.cfg.guidance_max, dev)
+        x_t = diffuse(x0, t, self.schedule, randn(x0.shape, gen))           # Alg. 1: forward diffusion
+        w = uniform(gen, len(x0), self.cfg.guidance_min, self.cfg.guidance_max, dev)
         cond = self._with_guidance(batch.cond, w)
         pred = consistency_x0(x_t, self.student(x_t, t, cond), t, self.schedule)
         with torch.no_grad():

@@ -19,7 +19,8 @@ from fewstep.models.student import full_copy
 from fewstep.models.teacher import Teacher
 from fewstep.recipes import dm
 from fewstep.recipes import losses as L
-from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput, uniform
+from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
+from fewstep.sampling.draws import Draws, Generators, randn, uniform
 from fewstep.recipes.build import dmd_student_times, inference_spec
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import renoise_step
@@ -78,40 +79,41 @@ class PhasedDMD(Recipe):
             return step % k
         return min(step * k // max(self.total_steps, 1), k - 1)
 
-    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+    def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
         k = self.phase(step)
         losses: dict[str, Tensor] = {}
         if step % self.cfg.critic_steps_per_student_step == 0:
-            losses["student"] = self.student_loss(batch, k, generator)
-        losses["critic"] = self.critic_loss(batch, k, generator)
+            losses["student"] = self.student_loss(batch, k, draws)
+        losses["critic"] = self.critic_loss(batch, k, draws.sample)
         return StepOutput(losses, {"phase": float(k)})
 
-    def _student_output(self, batch: Batch, j: int, generator: torch.Generator, grad: bool) -> Tensor:
+    def _student_output(self, batch: Batch, j: int, generator: Generators, grad: bool) -> Tensor:
         """The student's x0 at step j of its re-noising sampler from fresh noise (steps before j without grad)."""
         dev = next(iter(batch.cond.values())).device
-        x = torch.randn((len(batch.prompts), *self.shape), generator=generator).to(dev)
+        x = randn((len(batch.prompts), *self.shape), generator, dev)
         with torch.set_grad_enabled(grad):
             return rollout(self.student, x, self.times, self.schedule, cond=batch.cond, step=renoise_step,
                            generator=generator, until=j, grad="last").x0
 
-    def _anchor(self, x0: Tensor, s: float, generator: torch.Generator) -> Tensor:
+    def _anchor(self, x0: Tensor, s: float, generator: Generators) -> Tensor:
         """The phase output at its boundary s: x0 re-noised to s (x0 itself at s = 0)."""
         if s == 0:
             return x0
         return diffuse(x0, torch.full((len(x0),), s, dtype=torch.float64), self.schedule,
-                       torch.randn(x0.shape, generator=generator))
+                       randn(x0.shape, generator, x0.device))
 
-    def _diffuse(self, anchor: Tensor, s: float, lo: float, hi: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _diffuse(self, anchor: Tensor, s: float, lo: float, hi: float, generator: Generators) -> tuple[Tensor, Tensor]:
         """t ~ U[max(lo, s + margin), hi] and x_t from the subinterval kernel q(x_t | x_s) (§4.2)."""
         t = uniform(generator, len(anchor), max(lo, s + self.cfg.margin) if s > 0 else lo, hi, anchor.device)
-        noise = torch.randn(anchor.shape, generator=generator)
+        noise = randn(anchor.shape, generator, anchor.device)
         return L.subinterval_noise(anchor, s, t, self.schedule, noise=noise), t
 
-    def student_loss(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
+    def student_loss(self, batch: Batch, k: int, draws: Draws) -> Tensor:
         """Draw a step j of phase k, roll out to it, predict x0 with grad, jump to the boundary s_k (the anchor)
-        and apply the DMD gradient of the anchor's law to x0_j (the anchor is affine in x0_j, §4.3 item 7)."""
+        and apply the DMD gradient of the anchor's law to x0_j (the anchor is affine in x0_j, §4.3 item 7). One j
+        for the whole global batch."""
         start, end, s = self.bounds[k]
-        j = int(torch.randint(start, end, (1,), generator=generator))
+        j, generator = draws.choice(start, end), draws.sample
         x0 = self._student_output(batch, j, generator, grad=True)
         with torch.no_grad():
             anchor = self._anchor(x0.detach(), s, generator)
@@ -120,7 +122,7 @@ class PhasedDMD(Recipe):
             g = L.dmd_direction(x0, x0_real, self.critics[k](x_t, t, batch.cond), self.cfg.norm_min)
         return L.dmd_loss(x0, g)
 
-    def critic_loss(self, batch: Batch, k: int, generator: torch.Generator) -> Tensor:
+    def critic_loss(self, batch: Batch, k: int, generator: Generators) -> Tensor:
         """Critic k learns the score of phase k's output law at t > s_k from the noisy anchor (§4.2 target)."""
         _, end, s = self.bounds[k]
         with torch.no_grad():

@@ -30,6 +30,7 @@ from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
 from fewstep.recipes.build import build_student_and_critic
+from fewstep.sampling.draws import Draws, Generators, rand, randint, randn
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import ddim_step, ddim_transfer
 
@@ -57,9 +58,9 @@ def noise_index_bounds(t_g: Tensor, t_mid: Tensor, cfg: TDMConfig) -> tuple[Tens
     return torch.clamp(t_mid, min=cfg.low_margin), upper - 1
 
 
-def randint_between(lo: Tensor, hi: Tensor, generator: torch.Generator) -> Tensor:
-    """One integer per sample, uniform on {lo .. hi} (inclusive, per-sample bounds), from one rand draw."""
-    u = torch.rand(lo.shape, generator=generator, dtype=torch.float64)
+def randint_between(lo: Tensor, hi: Tensor, generator: Generators) -> Tensor:
+    """One integer per sample, uniform on {lo .. hi} (inclusive, per-sample bounds [B]), from one rand draw."""
+    u = rand(generator, len(lo), torch.float64)
     return torch.minimum(lo + (u * (hi - lo + 1).double()).floor().long(), hi)
 
 
@@ -156,11 +157,11 @@ class TDM(Recipe):
     def export_net(self) -> nn.Module:
         return self.student_net
 
-    def trajectory(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def trajectory(self, batch: Batch, generator: Generators) -> tuple[Tensor, Tensor]:
         """(states [M, B, ...], x0 estimates [M, B, ...]) of the current student's DDIM rollout from pure noise
         (§5.3), without grad."""
         dev = next(iter(batch.cond.values())).device
-        noise = torch.randn((len(batch.prompts), *self.shape), generator=generator).to(dev)
+        noise = randn((len(batch.prompts), *self.shape), generator, dev)
         xs, x0s = [], []
 
         def keep(i: int, t: Tensor, x: Tensor, x0: Tensor) -> None:
@@ -171,12 +172,12 @@ class TDM(Recipe):
                 callback=keep)
         return torch.stack(xs), torch.stack(x0s)
 
-    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def draw(self, n: int, generator: Generators) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per sample: a trajectory state m (the official j = M - m, j ~ U{1..M}), its time t_g, the interval's
         lower end t_mid (drawn in [t_mid, t_g - 20) with random_mid) and the noise level t (§5.4 items 1-2);
         table indices, drawn in that order."""
         c = self.cfg
-        m = torch.randint(0, len(self.index), (n,), generator=generator)
+        m = randint(generator, len(self.index), n)
         t_g = self.index[m]
         t_mid = interval_start(t_g, c.total_steps, len(self.index))
         if c.random_mid:
@@ -184,11 +185,12 @@ class TDM(Recipe):
         return m, t_g, t_mid, randint_between(*noise_index_bounds(t_g, t_mid, c), generator)
 
     def noised(self, x_in: Tensor, x0: Tensor, t_g: Tensor, t_mid: Tensor, t: Tensor,
-               generator: torch.Generator) -> Noised:
+               generator: Generators) -> Noised:
         tg, tm, tt = (self.to_t(v).to(x0.device) for v in (t_g, t_mid, t))
-        return mixed_noise(x_in, x0.detach(), tg, tm, tt, self.schedule, torch.randn(x0.shape, generator=generator))
+        return mixed_noise(x_in, x0.detach(), tg, tm, tt, self.schedule, randn(x0.shape, generator, x0.device))
 
-    def train_step(self, batch: Batch, step: int, generator: torch.Generator) -> StepOutput:
+    def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
+        generator = draws.sample
         with torch.no_grad():
             states, x0s = self.trajectory(batch, generator)
         critic, metrics = self.critic_loss(states, x0s, batch, generator)
@@ -196,7 +198,7 @@ class TDM(Recipe):
         return StepOutput({"student": student, "critic": critic}, metrics)
 
     def critic_loss(self, states: Tensor, x0s: Tensor, batch: Batch,
-                    generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+                    generator: Generators) -> tuple[Tensor, dict[str, float]]:
         """The fake score regresses the student's x0hat (not x_mid) at x_t, weighted min(SNR_t, 5) w_IS (§5.4)."""
         m, t_g, t_mid, t = self.draw(len(states[0]), generator)
         rows = torch.arange(len(m))
@@ -207,7 +209,7 @@ class TDM(Recipe):
         loss = L.critic_denoising_loss(self.critic(d.x_t, d.t, batch.cond), x0, (weight * w_is).float())
         return loss, {"w_is_mean": float(w_is.mean())}
 
-    def student_loss(self, states: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+    def student_loss(self, states: Tensor, batch: Batch, generator: Generators) -> Tensor:
         """The generator target y = sg(x0hat + x0_cfg - x0_F) at the same construction, drawn afresh; the gradient
         reaches the student only through x0hat (teacher and fake run without grad, x_t is built from sg(x0hat))."""
         m, t_g, t_mid, t = self.draw(len(states[0]), generator)

@@ -1,7 +1,14 @@
-"""One training iteration of any recipe, apart from the run around it (data, accelerate, checkpoints, logging):
-one AdamW and LR schedule per trainable role, the summed losses back-propagated once, each role that produced a
-loss clipped and stepped, then the recipe's after-step hook. The trainer calls exactly this; the analytic-teacher
-tests call it with closed-form teachers and no pipeline."""
+"""One training iteration of any recipe on accelerate's engine, apart from the run around it (data, checkpoints,
+logging): one AdamW and LR schedule per trainable role, each prepared by `accelerator.prepare` with the networks
+the roles train; the summed losses back-propagated once per micro-step by `accelerator.backward` inside
+`accelerator.accumulate` (no gradient sync on the micro-steps that do not step); each role that produced a loss
+clipped by `accelerator.clip_grad_norm_` and stepped when its gradient is finite; then the recipe's after-step hook.
+The trainer calls exactly this; the analytic-teacher tests call it with closed-form teachers and no pipeline.
+
+Gradients are averaged by the engine (DDP's bucketed all-reduce, overlapped with the backward pass), never by
+hand. Two roles may share one network (student and critic as two LoRA adapters on one frozen base): it is
+prepared once, and each role's optimizer owns only its adapter's parameters.
+"""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -12,21 +19,64 @@ from torch import Tensor, nn
 
 from fewstep.errors import FewstepError
 from fewstep.recipes.base import Batch, Recipe
+from fewstep.sampling.draws import Draws
 
-Reduce = Callable[[Tensor], Tensor]
+
+def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
+    """The distinct networks the roles train, each to be prepared (wrapped) once: every outermost diffusers model
+    inside a role's module that holds a trainable parameter (one UNet carrying two LoRA adapters counts once; a
+    ModuleDict of expert copies gives each copy), and every outermost module that holds trainable parameters but
+    no diffusers model (DMD2's GAN head; plain torch networks in the analytic tests)."""
+    found: dict[int, nn.Module] = {}
+    for module in modules:
+        for net in _networks(module):
+            found.setdefault(id(net), net)
+    return list(found.values())
+
+
+def _networks(module: nn.Module) -> list[nn.Module]:
+    from diffusers import ModelMixin
+
+    if isinstance(module, ModelMixin) or not any(isinstance(m, ModelMixin) for m in module.modules()):
+        return [module] if any(p.requires_grad for p in module.parameters()) else []
+    return [net for child in module.children() for net in _networks(child)]
+
+
+def route(net: nn.Module, runner: nn.Module) -> None:
+    """Make every call of `net`, from wherever it is held (denoisers, adapters, expert switches), go through
+    `runner`, the engine's wrapper of it (DDP), whose forward arms the gradient all-reduce; the wrapper's own call
+    of `net` runs the network. Like accelerate's mixed-precision forward, this sets the instance's `forward`."""
+    inner = net.forward
+    inside = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside
+        if inside:
+            return inner(*args, **kwargs)
+        inside = True
+        try:
+            return runner(*args, **kwargs)
+        finally:
+            inside = False
+
+    net.forward = forward
 
 
 class RoleOptimizers:
     """AdamW + LR schedule per role of `recipe`, from the run's `train` settings (lr, betas, weight_decay,
-    lr_schedule, warmup_steps, steps, grad_clip) and the recipe's per-role overrides. `reduce` averages a
-    gradient across processes (multi-process runs); None leaves gradients alone."""
+    lr_schedule, warmup_steps, steps, grad_clip, gradient_accumulation_steps) and the recipe's per-role overrides,
+    prepared with the role networks by `accelerator`. A prepared network that came back wrapped (DDP) is routed:
+    every denoiser around it calls the wrapper, so its forward passes arm the gradient all-reduce."""
 
-    def __init__(self, recipe: Recipe, train: Any, reduce: Reduce | None = None) -> None:
+    def __init__(self, recipe: Recipe, train: Any, accelerator: Any) -> None:
         from diffusers.optimization import get_scheduler
 
-        self.grad_clip, self.reduce = float(train.grad_clip or 0), reduce
-        self.params: dict[str, dict[str, nn.Parameter]] = {r: recipe.parameters(r) for r in recipe.trainable()}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.acc, self.grad_clip = accelerator, float(train.grad_clip or 0)
+        accelerator.gradient_accumulation_steps = int(train.gradient_accumulation_steps)
+        accelerator.step_scheduler_with_optimizer = False   # schedules count optimizer steps at any world size
+        roles = recipe.trainable()
+        self.params: dict[str, dict[str, nn.Parameter]] = {r: recipe.parameters(r) for r in roles}
+        self.optimizers: dict[str, Any] = {}
         self.schedulers: dict[str, Any] = {}
         for role, named in self.params.items():     # captured once: roles may share a net
             if not named:
@@ -36,42 +86,79 @@ class RoleOptimizers:
             self.optimizers[role] = torch.optim.AdamW(list(named.values()), **settings)
             self.schedulers[role] = get_scheduler(train.lr_schedule, self.optimizers[role],
                                                   num_warmup_steps=train.warmup_steps, num_training_steps=train.steps)
+        self.networks = trained_networks(list(roles.values()))
+        names = list(self.params)
+        prepared = accelerator.prepare(*self.networks, *(self.optimizers[r] for r in names),
+                                       *(self.schedulers[r] for r in names))
+        n = len(self.networks)
+        self.prepared = list(prepared[:n])
+        self.optimizers = dict(zip(names, prepared[n:n + len(names)]))
+        self.schedulers = dict(zip(names, prepared[n + len(names):]))
+        for net, wrapped in zip(self.networks, self.prepared):
+            if wrapped is not net:
+                route(net, wrapped)
+        covered = {id(p) for net in self.networks for p in net.parameters()}
+        loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in covered]
+        if loose:   # a recipe bug: these would train without being synchronised across processes
+            raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
+                               "from Recipe.trainable()")
+        self.skipped = {r: 0 for r in names}
+
+    @property
+    def distributed(self) -> bool:
+        return any(w is not n for n, w in zip(self.networks, self.prepared))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
 
+    def accumulate(self) -> ContextManager:
+        """One micro-step: gradients are synchronised only on the micro-step that ends the iteration."""
+        return self.acc.accumulate(*self.prepared)
+
+    def backward(self, loss: Tensor) -> None:
+        """`accelerator.backward` (it divides by the accumulation count). Under DDP every parameter the wrapped
+        networks train enters the graph (with weight 0 where this iteration's losses do not reach it): the
+        reducer, built without `find_unused_parameters` so that a network may run several forwards before one
+        backward (a rollout, the critic, the GAN head), waits for a gradient of each of its parameters."""
+        if self.distributed:
+            loss = loss + 0.0 * sum(p.reshape(-1)[0] for net in self.networks for p in net.parameters()
+                                    if p.requires_grad)
+        self.acc.backward(loss)
+
     def step(self, role: str) -> float:
-        """Average (multi-process), clip, step when the norm is finite, advance the schedule; the grad norm."""
+        """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
+        skips both (counted in `skipped`). Returns the gradient norm before clipping."""
         params = list(self.params[role].values())
-        if self.reduce is not None:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.reduce(p.grad)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
-        if torch.isfinite(norm):
-            self.optimizers[role].step()
+        norm = float(self.acc.clip_grad_norm_(params, self.grad_clip or float("inf")))
+        if not torch.isfinite(torch.tensor(norm)):
+            self.skipped[role] += 1
+            return norm
+        self.optimizers[role].step()
         self.schedulers[role].step()
-        return float(norm)
+        return norm
 
 
-def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int], Batch], step: int,
-                    generator: torch.Generator, accumulation: int = 1,
+def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int], Batch],
+                    draws: Callable[[int], Draws], step: int,
                     autocast: Callable[[], ContextManager] = nullcontext) -> tuple[dict[str, float], set[str]]:
     """(mean losses and metrics over the micro-batches, plus grad_norm/<role>; the roles that stepped).
-    `batch(i)` is micro-batch i of this iteration."""
+    `batch(i)` and `draws(i)` are micro-batch i of this iteration and its random draws."""
+    accumulation = optim.acc.gradient_accumulation_steps
     optim.zero_grad()
     totals: dict[str, float] = {}
     stepped: set[str] = set()
     for micro in range(accumulation):
-        with autocast():
-            out = recipe.train_step(batch(micro), step, generator)
-        loss = sum(out.losses.values()) / accumulation
-        loss.backward()
+        with optim.accumulate():
+            with autocast():
+                out = recipe.train_step(batch(micro), step, draws(micro))
+            optim.backward(sum(out.losses.values()))
         stepped.update(out.losses)
         for k, v in {**{f"loss/{r}": float(l.detach()) for r, l in out.losses.items()}, **out.metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) / accumulation
     for role in stepped:
+        skipped = optim.skipped[role]
         totals[f"grad_norm/{role}"] = optim.step(role)
+        totals[f"skipped/{role}"] = float(optim.skipped[role] > skipped)   # a non-finite gradient: no step
     recipe.after_optimizer_step(step)
     return totals, stepped

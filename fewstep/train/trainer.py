@@ -17,6 +17,7 @@ from fewstep.errors import FewstepError
 from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, Recipe
+from fewstep.sampling.draws import DATA, Draws
 from fewstep.train import checkpoint as ckpt
 from fewstep.train.step import RoleOptimizers, train_iteration
 from fewstep.train.report import save_grid
@@ -44,11 +45,9 @@ class Trainer:
         self.cfg, self.recipe, self.teacher, self.dataset, self.acc = cfg, recipe, teacher, dataset, accelerator
         self.out = Path(cfg.output_dir)
         self.roles = recipe.trainable()
-        reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
-        self.optim = RoleOptimizers(recipe, cfg.train, reduce)
+        self.optim = RoleOptimizers(recipe, cfg.train, accelerator)
         self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
         self.ema = self._ema()
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + accelerator.process_index)
         self.prompts = PromptCache(teacher)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -62,8 +61,23 @@ class Trainer:
 
         return EMAModel(list(self.params["student"].values()), decay=self.cfg.train.ema_decay)
 
-    # -- data ----------------------------------------------------------------------------------------------
+    # -- data and randomness -------------------------------------------------------------------------------
+    def positions(self, micro: int) -> range:
+        """Where this process's samples of micro-step `micro` sit in the step's global batch (the slice that
+        `batch_indices` gives it)."""
+        size, world = self.cfg.data.batch_size, self.acc.num_processes
+        start = (micro * world + self.acc.process_index) * size
+        return range(start, start + size)
+
+    def draws(self, micro: int) -> Draws:
+        """The recipe's draws for micro-step `micro` of the current step, keyed by the global positions of this
+        process's samples, so a run's math does not depend on the number of processes."""
+        return Draws.keyed(self.cfg.train.seed, self.step, micro, self.positions(micro))
+
     def batch(self, index: int) -> Batch:
+        """Micro-batch `index` (step * accumulation + micro-step): its images, encoded with per-sample latent
+        draws keyed like the recipe's, and its encoded prompts."""
+        step, micro = divmod(index, self.cfg.train.gradient_accumulation_steps)
         idx = batch_indices(index, self.cfg.data.batch_size, len(self.dataset), self.cfg.train.seed,
                             self.acc.process_index, self.acc.num_processes)
         images, prompts = collate([self.dataset[i] for i in idx])
@@ -72,7 +86,8 @@ class Trainer:
             if images is None:
                 x0 = torch.empty(0, device=device)
             else:
-                x0 = self.teacher.family.encode_images(self.teacher.pipe, images.to(device)).to(device)
+                latents = Draws.keyed(self.cfg.train.seed, step, micro, self.positions(micro), DATA).sample
+                x0 = self.teacher.family.encode_images(self.teacher.pipe, images.to(device), latents).to(device)
             cond = {k: v.to(device) for k, v in self.prompts(prompts).items()}
             neg = {k: v.to(device) for k, v in self.prompts([""] * len(prompts)).items()}
         return Batch(x0=x0, cond=cond, neg=neg, prompts=prompts)
@@ -108,10 +123,19 @@ class Trainer:
     def train_iteration(self) -> dict[str, float]:
         accum = self.cfg.train.gradient_accumulation_steps
         totals, stepped = train_iteration(self.recipe, self.optim, lambda micro: self.batch(self.step * accum + micro),
-                                          self.step, self.generator, accum, self.acc.autocast)
+                                          self.draws, self.step, self.acc.autocast)
         if self.ema is not None and "student" in stepped:
             self.ema.step(list(self.params["student"].values()))
-        return totals
+        return self._mean_over_processes(totals)
+
+    def _mean_over_processes(self, row: dict[str, float]) -> dict[str, float]:
+        """The global batch's means of the per-process means (equal shards), for the log."""
+        if self.acc.num_processes == 1:
+            return row
+        keys = sorted(row)
+        mean = self.acc.reduce(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.acc.device),
+                               reduction="mean")
+        return dict(zip(keys, mean.tolist()))
 
     # -- outputs -------------------------------------------------------------------------------------------
     def _log(self, row: dict[str, float]) -> None:
@@ -198,7 +222,7 @@ class Trainer:
             tensors["extra"] = extra
         blobs = {"optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
-                 "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}}
         if self.ema is not None:
             blobs["ema"] = self.ema.state_dict()
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, blobs, self.meta(),
@@ -231,7 +255,6 @@ class Trainer:
         for role in self.roles:
             self.optimizers[role].load_state_dict(blobs["optimizers"][role])
             self.schedulers[role].load_state_dict(blobs["schedulers"][role])
-        self.generator.set_state(blobs["rng"]["generator"])
         torch.set_rng_state(blobs["rng"]["torch"])
         if self.ema is not None and "ema" in blobs:
             self.ema.load_state_dict(blobs["ema"])

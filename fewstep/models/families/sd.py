@@ -76,8 +76,8 @@ class SDFamily:
     def default_size(self, pipe: Any) -> int:
         return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
-    def encode_images(self, pipe: Any, images: Tensor) -> Tensor:
-        return vae_encode(pipe.vae, images)
+    def encode_images(self, pipe: Any, images: Tensor, generator: Any = None) -> Tensor:
+        return vae_encode(pipe.vae, images, generator=generator)
 
     def decode(self, pipe: Any, x0: Tensor) -> Tensor:
         return vae_decode(pipe.vae, x0)
