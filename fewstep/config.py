@@ -71,6 +71,7 @@ class TrainConfig:
     eval_protocol: str = "toy-digits"   # a preset of eval/protocols/ (fewstep eval --protocol)
     eval_num_images: int = 200
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10       # this many steps in a row with a non-finite loss or gradient stop the run
     trackers: list[str] = field(default_factory=list)   # accelerate trackers, e.g. [tensorboard]
     progress: bool = True
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class Plan:
     cfg: DictConfig
     resume: Path | None            # checkpoint to continue from (None: a fresh run)
     finished: bool = False         # resume=latest on a run that already reached train.steps and has its export
+    applied: dict[str, tuple[Any, Any]] = field(default_factory=dict)   # settings the resume changes: saved, now
 
 
 def teacher_reference(spec: str) -> str:
@@ -43,9 +44,50 @@ def preflight(argv: list[str]) -> Plan:
 
         load_protocol(cfg.train.eval_protocol, [])   # a bad name fails now, not after hours of training
     resume = plan_output(cfg)
+    applied: dict[str, tuple[Any, Any]] = {}
+    if resume is not None:
+        from fewstep.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(resume)
+        applied = resume_changes(cfg, resume.parent.parent / "config.yaml")
     finished = (resume is not None and paths.checkpoint_step(resume) >= cfg.train.steps
                 and paths.read_sidecar(Path(cfg.output_dir) / "export") is not None)
-    return Plan(cfg, resume, finished)
+    return Plan(cfg, resume, finished, applied)
+
+
+# Settings a resumed run may change: when and how much it logs, samples, evaluates and keeps, how long it trains
+# (the LR schedule is rebuilt for the new length) and its learning rate (applied to every role, keeping the
+# schedule's position). Every other difference from the run's config.yaml is refused: it would silently change
+# the math of a run that claims to continue.
+RESUMABLE = ("resume", "train.steps", "train.lr", "train.log_every", "train.sample_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.eval_every", "train.eval_protocol", "train.eval_num_images",
+             "train.trackers", "train.progress", "train.max_nonfinite_steps", "sample.grid_size")
+
+
+def resume_changes(cfg: DictConfig, saved_path: Path) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, now)} for the settings this resume changes (all in RESUMABLE); any other change is one
+    FewstepError naming the key, both values and the fix."""
+    if not saved_path.is_file():
+        raise FewstepError(f"cannot resume: {saved_path} is missing (the run's config); resume a checkpoint inside "
+                           "its run folder")
+    saved, now = (_flat(OmegaConf.to_container(c, resolve=True)) for c in (load_saved_config(saved_path), cfg))
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
+               if saved.get(k) != now.get(k) and k != "output_dir"}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        k = refused[0]
+        more = f" (and {len(refused) - 1} more: {', '.join(refused[1:4])})" if len(refused) > 1 else ""
+        raise FewstepError(f"resume: {k} is {changed[k][1]!r} but the run was trained with {changed[k][0]!r}{more}; "
+                           f"a resumed run keeps its training settings: set {k}={changed[k][0]} (or drop the "
+                           "override), or start a new output_dir")
+    return changed
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 1e-4, ...} from a nested config."""
+    if isinstance(d, dict) and d:
+        return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: d}
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -147,7 +189,8 @@ def run(argv: list[str]) -> Path:
         trainer = Trainer(cfg, recipe, teacher, dataset, acc)
         if plan.resume is not None:
             trainer.restore(plan.resume)
-            acc.print(f"resumed from {plan.resume} at step {trainer.step}")
+            changes = "".join(f"; {k}: {old} -> {new}" for k, (old, new) in plan.applied.items() if k != "resume")
+            acc.print(f"resumed from {plan.resume} at step {trainer.step}{changes}")
         elif acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -100,7 +100,10 @@ def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str,
 
 
 def _jsonable(config: dict) -> dict:
-    return json.loads(json.dumps({k: v for k, v in config.items()}, default=lambda o: list(o) if hasattr(o, "__iter__") else str(o)))
+    """A scheduler config as plain JSON. diffusers' `_use_default_values` is a set listed in the process's hash
+    order: sorted here, so the same run always writes the same sidecar."""
+    config = {k: sorted(v) if k == "_use_default_values" else v for k, v in config.items()}
+    return json.loads(json.dumps(config, default=lambda o: list(o) if hasattr(o, "__iter__") else str(o)))
 
 
 def load_export(path: Path, device: str | torch.device = "cpu") -> tuple[Teacher, InferenceSpec, dict[str, Any]]:

@@ -139,6 +139,10 @@ def staged_output(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as exc:   # a full disk, a lost mount: nothing half-written is left, and the destination is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FewstepError(f"could not write {out} ({exc.strerror or exc}); {out} and everything beside it are left "
+                           "as they were; free some space (or fix the folder) and run the command again") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,22 +36,64 @@ def test_resave_same_step_replaces_atomically(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["step-0000004"]
 
 
-def test_corrupt_checkpoint_is_one_clear_error(tmp_path: Path):
+def test_damaged_checkpoint_is_one_line_naming_the_previous_good_one(tmp_path: Path):
+    older = _save(tmp_path, 1)
     path = _save(tmp_path, 2)
-    (path / "trainable-student.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(FewstepError, match="is corrupt .*delete it and resume from an earlier checkpoint"):
+    weights = path / "trainable-student.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])                     # truncated: found by its size
+    with pytest.raises(FewstepError, match=rf"step-0000002 is damaged \(trainable-student.safetensors has {size // 2} "
+                                           rf"bytes, {size} were written\); resume from the previous one with "
+                                           rf"resume={older}"):
+        ckpt.load_checkpoint(path)
+    weights.write_bytes(b"x" * size)                                            # same size, garbage: found on load
+    with pytest.raises(FewstepError, match=r"is damaged \(corrupt: .*resume from the previous one"):
         ckpt.load_checkpoint(path)
     (path / "state.json").unlink()
     with pytest.raises(FewstepError, match="not a complete checkpoint"):
         ckpt.load_checkpoint(path)
+    only = _save(tmp_path / "alone", 3)
+    (only / "rng.pt").unlink()
+    with pytest.raises(FewstepError, match="rng.pt is missing.*no earlier checkpoint exists: start a new output_dir"):
+        ckpt.verify_checkpoint(only)
 
 
 def test_pickles_that_are_not_plain_data_are_refused(tmp_path: Path):
-    """Optimizer/RNG files load with weights_only=True, so an arbitrary object cannot execute on load."""
+    """Optimizer/RNG files load with weights_only=True, so an arbitrary object cannot execute on load (even in a
+    checkpoint whose manifest was rewritten to match)."""
     path = _save(tmp_path, 1)
     torch.save({"x": Path("/etc")}, path / "rng.pt")
+    state = json.loads((path / "state.json").read_text())
+    state["files"]["rng.pt"] = (path / "rng.pt").stat().st_size
+    (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(FewstepError, match="corrupt"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_full_disk_while_saving_keeps_earlier_checkpoints(tmp_path: Path, monkeypatch):
+    import errno
+
+    first = _save(tmp_path, 1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(FewstepError) as err:
+        _save(tmp_path, 2, keep=1)
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint step 2 was not saved" in msg and "No space left on device" in msg
+    assert f"the newest complete checkpoint is still {first}" in msg
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000001"]              # no temporary folder left
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_stale_temporary_folders_of_a_killed_save_are_removed(tmp_path: Path):
+    (tmp_path / ".tmp-step-0000004-999").mkdir(parents=True)
+    (tmp_path / ".old-step-0000002-999").mkdir()
+    _save(tmp_path, 5)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000005"]
 
 
 def test_resolve_resume(tmp_path: Path):

@@ -87,6 +87,6 @@ def test_corrupt_checkpoint_on_resume_exits_2_and_keeps_files(capsys, teacher_di
     weights.write_bytes(b"garbage")
     export = (out / "export" / "pytorch_lora_weights.safetensors").read_bytes()
     _expect_exit_2(capsys, ["distill", "recipe=lcm", "train.steps=2", "resume=latest", *common(teacher_dir, out)],
-                   "is corrupt")
+                   "is damaged")
     assert weights.read_bytes() == b"garbage"
     assert (out / "export" / "pytorch_lora_weights.safetensors").read_bytes() == export

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_pipelines import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # `accelerate launch --cpu` always starts one process; two CPU processes need the torchrun launcher
@@ -19,7 +20,7 @@ def test_two_process_run_keeps_replicas_in_sync_and_logs_once(teacher_dir: Path,
     """Also checks that two processes really ran: each prints its rank at start-up."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
            str(ROOT / "scripts" / "distill.py"), "recipe=lcm", "train.steps=3", "train.log_every=1",
            "train.checkpoint_every=1", "train.sample_every=0", "train.progress=false",
            f"teacher.pretrained={teacher_dir}", f"output_dir={out}", "data.batch_size=2", "sample.grid_size=2",
@@ -40,7 +41,7 @@ def test_two_process_eval_shards_prompts_and_matches_one_process(tmp_path: Path)
     args = ["eval", "toy-digits", "--protocol", "toy-digits", "--steps", "2", "--num-images", "20", "--no-progress"]
     main([*args, "--out", str(tmp_path / "one")])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.cli",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), "-m", "fewstep.cli",
            *args, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

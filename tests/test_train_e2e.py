@@ -48,7 +48,7 @@ def test_existing_run_is_not_overwritten(teacher_dir: Path, tmp_path: Path):
     before = (out / "checkpoints" / "step-0000001" / "trainable-student.safetensors").read_bytes()
     with pytest.raises(FewstepError, match="is not empty .*; pass resume=latest"):
         run(argv(teacher_dir, out, "train.steps=1"))
-    with pytest.raises(FewstepError, match="student.lora.rank=4 but this run has student.lora.rank=8"):
+    with pytest.raises(FewstepError, match="resume: student.lora.rank is 8 but the run was trained with 4"):
         run(argv(teacher_dir, out, "train.steps=2", "resume=latest", "student.lora.rank=8"))
     assert (out / "checkpoints" / "step-0000001" / "trainable-student.safetensors").read_bytes() == before
 

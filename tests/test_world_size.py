@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_pipelines import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -35,7 +36,7 @@ def run(teacher: Path, out: Path, recipe: str, processes: int, batch: int) -> No
     args = [str(ROOT / "scripts" / "distill.py"), *RECIPES[recipe], f"teacher.pretrained={teacher}",
             f"output_dir={out}", f"data.batch_size={batch}", "train.log_every=1", "train.sample_every=0",
             "train.checkpoint_every=0", "sample.grid_size=2", "train.progress=false"]
-    cmd = [*LAUNCH, *args] if processes > 1 else [sys.executable, *args]
+    cmd = [*LAUNCH, "--main_process_port", free_port(), *args] if processes > 1 else [sys.executable, *args]
     done = subprocess.run(cmd, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

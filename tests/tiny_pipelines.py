@@ -172,3 +172,13 @@ def tiny_pixart(seed: int = 0) -> Any:
 
 FACTORIES: dict[str, Callable[..., Any]] = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux,
                                             "pixart": tiny_pixart}
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for `accelerate launch --main_process_port` (two launches in a row on the
+    default 29500 can collide while the first one's sockets close)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

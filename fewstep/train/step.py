@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fewstep.errors import FewstepError
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
+from fewstep.train.checkpoint import fault_point
 
 
 def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
@@ -156,6 +157,7 @@ def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int]
         stepped.update(out.losses)
         for k, v in {**{f"loss/{r}": float(l.detach()) for r, l in out.losses.items()}, **out.metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) / accumulation
+    fault_point("step", step)
     for role in stepped:
         skipped = optim.skipped[role]
         totals[f"grad_norm/{role}"] = optim.step(role)

@@ -4,6 +4,8 @@ It knows nothing about any algorithm: the recipe returns losses keyed by the rol
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._window: dict[str, tuple[float, int]] = {}
+        self.nonfinite_streak = 0
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _ema(self) -> Any:
@@ -107,6 +110,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
             self._log(row)
+            self._check_finite(row)
             if t.sample_every and self.step % t.sample_every == 0:
                 self.sample_grid()
             if t.eval_every and self.step % t.eval_every == 0:
@@ -136,6 +140,21 @@ class Trainer:
         mean = self.acc.reduce(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.acc.device),
                                reduction="mean")
         return dict(zip(keys, mean.tolist()))
+
+    def _check_finite(self, row: dict[str, float]) -> None:
+        """Count steps in a row whose losses or gradients were not finite (their optimizer steps were skipped);
+        `train.max_nonfinite_steps` of them stop the run before anything more is saved or exported."""
+        bad = [k for k, v in row.items() if k.startswith("loss/") and not math.isfinite(v)]
+        bad += [k for k, v in row.items() if k.startswith("skipped/") and v > 0]
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit and self.nonfinite_streak >= limit:
+            good = ckpt.latest(self.out / "checkpoints")
+            where = f"the last good checkpoint is {good} (resume=latest with a lower train.lr)" if good else \
+                "no checkpoint was saved yet"
+            raise FewstepError(f"{self.nonfinite_streak} steps in a row (to step {self.step}) had a non-finite loss or "
+                               f"gradient ({', '.join(sorted(set(bad)))}), so no optimizer stepped; stopped without "
+                               f"saving or exporting: {where}; train.lr is {self.cfg.train.lr}")
 
     # -- outputs -------------------------------------------------------------------------------------------
     def _log(self, row: dict[str, float]) -> None:
@@ -213,8 +232,10 @@ class Trainer:
                                f"{spread:.3g}); gradients were not synchronised")
 
     def save(self) -> Path | None:
+        """A checkpoint of this step; none while the last steps were non-finite (nothing to keep there, and
+        rotation would drop a good one)."""
         self.check_replicas_in_sync()
-        if not self.acc.is_main_process:
+        if not self.acc.is_main_process or self.nonfinite_streak:
             return None
         tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
         extra = self.recipe.extra_state()
@@ -237,7 +258,8 @@ class Trainer:
         student = self.roles["student"]
         lora = lora_config_dict(student) if has_lora(student) else None
         return {"recipe": self.cfg.recipe, "algorithm": self.cfg.algorithm, "student_mode": self.cfg.student.mode,
-                "lora_rank": lora["r"] if lora else None, "teacher": self.cfg.teacher.pretrained}
+                "lora_rank": lora["r"] if lora else None, "teacher": self.cfg.teacher.pretrained,
+                "log_window": {k: list(v) for k, v in self._window.items()}}
 
     def restore(self, path: Path) -> None:
         tensors, blobs, meta = ckpt.load_checkpoint(path)
@@ -253,12 +275,42 @@ class Trainer:
             raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing; resume from an earlier "
                                "checkpoint (resume=<run>/checkpoints/step-...)")
         for role in self.roles:
-            self.optimizers[role].load_state_dict(blobs["optimizers"][role])
-            self.schedulers[role].load_state_dict(blobs["schedulers"][role])
+            opt, sched = self.optimizers[role], self.schedulers[role]
+            wanted = [g["initial_lr"] for g in opt.param_groups]     # this run's lr (the schedule set initial_lr)
+            opt.load_state_dict(blobs["optimizers"][role])
+            sched.load_state_dict(blobs["schedulers"][role])
+            apply_lr(opt, sched, wanted)
         torch.set_rng_state(blobs["rng"]["torch"])
         if self.ema is not None and "ema" in blobs:
             self.ema.load_state_dict(blobs["ema"])
         self.step = int(meta["step"])
+        self._window = {k: (float(total), int(count)) for k, (total, count) in meta.get("log_window", {}).items()}
+        if self.acc.is_main_process:   # rows logged after this checkpoint are logged again from here on
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                truncate_log(self.out / name, self.step)
+
+
+def apply_lr(optimizer: Any, scheduler: Any, initial: list[float]) -> None:
+    """Give a restored optimizer this run's learning rates (resume with a changed train.lr), keeping the schedule's
+    position: each group's lr is the new initial lr times the factor the schedule had reached."""
+    for group, lr in zip(optimizer.param_groups, initial):
+        if group["initial_lr"] != lr:
+            group["lr"] = lr * group["lr"] / group["initial_lr"]
+            group["initial_lr"] = lr
+    getattr(scheduler, "scheduler", scheduler).base_lrs = list(initial)   # inside accelerate's wrapper
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines log up to `step` (atomically), so a resumed run's log equals an
+    uninterrupted one's."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
