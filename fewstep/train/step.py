@@ -63,6 +63,31 @@ def route(net: nn.Module, runner: nn.Module) -> None:
     net.forward = forward
 
 
+def _engine(accelerator: Any) -> str:
+    """"FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO", ... (accelerate's distributed type)."""
+    return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+
+
+def check_engine(accelerator: Any, networks: list[nn.Module], params: dict[str, dict[str, nn.Parameter]]) -> None:
+    """Engine settings fewstep cannot honour, refused before anything is wrapped: DeepSpeed with more than one
+    trained role (accelerate gives one DeepSpeed engine per model, and the roles here step separately from one
+    backward pass), and FSDP's own activation checkpointing on a network that two roles share (it recomputes a
+    block under whichever LoRA adapter is live in the backward pass; fewstep's adapter-aware recompute,
+    student.gradient_checkpointing=true, is the one to use)."""
+    kind = _engine(accelerator)
+    if kind == "DEEPSPEED" and len(params) > 1:
+        raise FewstepError(f"DeepSpeed runs recipes with one trained role (lcm); this one trains {sorted(params)}: "
+                           "launch it with recipes/accelerate/fsdp2.yaml (ZeRO-3-like sharding) instead")
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if kind == "FSDP" and plugin is not None and getattr(plugin, "activation_checkpointing", False):
+        owners = {id(p): role for role, named in params.items() for p in named.values()}
+        shared = [net for net in networks if len({owners[id(p)] for p in net.parameters() if id(p) in owners}) > 1]
+        if shared:
+            raise FewstepError(f"fsdp_activation_checkpointing recomputes {type(shared[0]).__name__} blocks under the "
+                               "wrong LoRA adapter where two roles share it; set it to false in the accelerate config "
+                               "and pass student.gradient_checkpointing=true")
+
+
 class RoleOptimizers:
     """AdamW + LR schedule per role of `recipe`, from the run's `train` settings (lr, betas, weight_decay,
     lr_schedule, warmup_steps, steps, grad_clip, gradient_accumulation_steps) and the recipe's per-role overrides,
@@ -88,22 +113,72 @@ class RoleOptimizers:
             self.schedulers[role] = get_scheduler(train.lr_schedule, self.optimizers[role],
                                                   num_warmup_steps=train.warmup_steps, num_training_steps=train.steps)
         self.networks = trained_networks(list(roles.values()))
-        names = list(self.params)
-        prepared = accelerator.prepare(*self.networks, *(self.optimizers[r] for r in names),
-                                       *(self.schedulers[r] for r in names))
-        n = len(self.networks)
-        self.prepared = list(prepared[:n])
-        self.optimizers = dict(zip(names, prepared[n:n + len(names)]))
-        self.schedulers = dict(zip(names, prepared[n + len(names):]))
+        check_engine(accelerator, self.networks, self.params)
+        where = {id(p): (i, name) for i, net in enumerate(self.networks) for name, p in net.named_parameters()}
+        self.prepared = self._prepare(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
                 route(net, wrapped)
+        self._follow_resharded_parameters(where)
         covered = {id(p) for net in self.networks for p in net.parameters()}
         loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in covered]
         if loose:   # a recipe bug: these would train without being synchronised across processes
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
-        self.skipped = {r: 0 for r in names}
+        self.skipped = {r: 0 for r in self.params}
+
+    def _prepare(self, accelerator: Any, where: dict[int, tuple[int, str]]) -> list[nn.Module]:
+        """`accelerator.prepare` the networks with the optimizers and schedules of their roles; the prepared
+        networks, in order. One call for DDP; under FSDP2, which accelerate prepares one network at a time, one call
+        per network with the roles it holds (a role spread over two networks is refused)."""
+        names = list(self.params)
+        if _engine(accelerator) == "FSDP":
+            if len(self.networks) > 1:   # measured on CPU processes: the second sharded root fails in backward
+                raise FewstepError("FSDP2 trains one network per run for now (student and critic as LoRA adapters on "
+                                   f"one base); this run trains {len(self.networks)} "
+                                   f"({', '.join(type(n).__name__ for n in self.networks)}): use student.mode=lora "
+                                   "method.critic_mode=lora, or recipes/accelerate/ddp.yaml")
+            home = {}
+            for role in names:
+                nets = {where[id(p)][0] for p in self.params[role].values()}
+                if len(nets) > 1:
+                    raise FewstepError(f"under FSDP2 each role must train one network, and {role} trains "
+                                       f"{len(nets)} ({', '.join(type(self.networks[i]).__name__ for i in sorted(nets))}); "
+                                       "for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0")
+                home[role] = nets.pop()
+            groups = [(i, [r for r in names if home[r] == i]) for i in range(len(self.networks))]
+        else:
+            groups = [(None, names)]
+        prepared = list(self.networks)
+        for i, roles in groups:
+            nets = list(range(len(self.networks))) if i is None else [i]
+            out = accelerator.prepare(*(self.networks[j] for j in nets), *(self.optimizers[r] for r in roles),
+                                      *(self.schedulers[r] for r in roles))
+            out = list(out) if isinstance(out, (tuple, list)) else [out]
+            for k, j in enumerate(nets):
+                prepared[j] = out[k]
+            self.optimizers.update(zip(roles, out[len(nets):len(nets) + len(roles)]))
+            self.schedulers.update(zip(roles, out[len(nets) + len(roles):]))
+        return prepared
+
+    def _follow_resharded_parameters(self, where: dict[int, tuple[int, str]]) -> None:
+        """FSDP2 replaces a network's parameters by sharded ones in place: point every role's parameter dict (the
+        trainer's, and the recipe's own where `parameters()` returns it) at the new objects, by name. Under DDP
+        the parameters are the same objects and nothing changes."""
+        current = [{name.replace("._checkpoint_wrapped_module", ""): p for name, p in net.named_parameters()}
+                   for net in self.networks]
+        for named in self.params.values():
+            for key, p in list(named.items()):
+                i, name = where[id(p)]
+                if current[i][name] is not p:
+                    named[key] = current[i][name]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the engine sharded the trained parameters (FSDP2: DTensors)."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for named in self.params.values() for p in named.values())
 
     @property
     def distributed(self) -> bool:

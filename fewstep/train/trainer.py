@@ -221,8 +221,8 @@ class Trainer:
     def check_replicas_in_sync(self) -> None:
         """Multi-process runs: every process must hold the same trainables (gradients are averaged before each
         optimizer step). Compares a float64 checksum per role across processes; raises if they drifted apart."""
-        if self.acc.num_processes == 1:
-            return
+        if self.acc.num_processes == 1 or self.optim.sharded:
+            return   # sharded parameters (FSDP2) have one copy by construction
         sums = torch.stack([torch.stack([p.detach().double().sum() for p in self.params[r].values()]).sum()
                             for r in self.roles]).to(self.acc.device)
         everyone = self.acc.gather(sums[None])

@@ -1,0 +1,52 @@
+"""Train a few iterations with fewstep's Trainer under accelerate's FSDP2 on CPU processes, for
+tests/test_world_size.py, and write the per-step log rows and the full (gathered) trained weights.
+
+accelerate enables FSDP only on GPU-like devices and builds DDP on CPU processes, so `--engine fsdp2` makes the
+run's Accelerator FSDP2 (full shard, each diffusers block its own unit from `_no_split_modules`) before anything is
+prepared; from there on it is accelerate's own FSDP2 path: `fully_shard` in `prepare`, DTensor parameters, sharded
+Adam states and accelerate's clipping. `--engine single` is the 1-process reference.
+    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from fewstep.config import load_config
+from fewstep.distill import build_run, make_accelerator
+
+
+def main(out: Path, engine: str, argv: list[str]) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
+    from torch.distributed.tensor import DTensor
+
+    from fewstep.train.trainer import Trainer
+
+    cfg = load_config(argv)
+    acc = make_accelerator(cfg)
+    if engine == "fsdp2":
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                               auto_wrap_policy="transformer_based_wrap")
+        acc.state.distributed_type = DistributedType.FSDP
+    set_seed(cfg.train.seed)
+    teacher, recipe, dataset = build_run(cfg, acc.device)
+    trainer = Trainer(cfg, recipe, teacher, dataset, acc)
+    sharded = [p for named in trainer.params.values() for p in named.values() if isinstance(p, DTensor)]
+    assert (engine == "fsdp2") == bool(sharded), "FSDP2 must have sharded the trained parameters"
+    rows = []
+    for _ in range(cfg.train.steps):
+        rows.append({"step": trainer.step + 1, **trainer.train_iteration()})
+        trainer.step += 1
+    full = {f"{role}/{k}": (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+            for role, named in trainer.params.items() for k, p in named.items()}
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rows.json").write_text(json.dumps(rows))
+        save_file(full, str(out / "weights.safetensors"))
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    from fewstep.errors import guarded
+
+    guarded(lambda: main(Path(sys.argv[1]), sys.argv[3], sys.argv[4:]))

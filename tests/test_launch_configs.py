@@ -1,0 +1,98 @@
+"""The accelerate launch configs in recipes/accelerate/ (issue 12), checked without GPUs: each loads with
+accelerate's own config reader, goes through `accelerate launch`'s validation and environment preparation, and the
+FSDP2 plugin and parallelism config that a launched process would build from that environment have the settings
+the file promises. What needs CUDA (sharding itself, ZeRO) runs in tests/test_cuda.py."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from torch import nn
+
+from fewstep.errors import FewstepError
+from fewstep.train.step import check_engine
+
+CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+EXPECTED = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "fsdp2-hybrid": "FSDP", "deepspeed-zero2": "DEEPSPEED",
+            "deepspeed-zero3": "DEEPSPEED"}
+
+
+def test_every_config_is_there_and_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+    for name, kind in EXPECTED.items():
+        cfg = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+        assert str(cfg.distributed_type).endswith(kind) and cfg.mixed_precision == "bf16"
+        if kind == "DEEPSPEED":
+            ds = cfg.deepspeed_config
+            assert ds["zero_stage"] == int(name[-1]) and ds["gradient_clipping"] == 1.0   # train.grad_clip's default
+
+
+def launched_env(name: str) -> tuple[dict[str, str], object]:
+    """The environment `accelerate launch --config_file recipes/accelerate/<name>.yaml` gives its processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "scripts/distill.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args), args
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2-hybrid"])
+def test_fsdp2_configs_build_the_promised_plugin(name: str):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    env, args = launched_env(name)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    with mock.patch.dict(os.environ, env):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True          # full shard
+    assert str(plugin.state_dict_type).endswith("SHARDED_STATE_DICT")                 # a shard per rank
+    assert plugin.cpu_ram_efficient_loading is True                                   # rank 0 loads, then broadcast
+    assert plugin.activation_checkpointing is False      # fewstep's adapter-aware recompute instead (see the file)
+    assert plugin.auto_wrap_policy is transformer_auto_wrap_policy                    # blocks: _no_split_modules
+    if name == "fsdp2-hybrid":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        with mock.patch.dict(os.environ, env):
+            pc = ParallelismConfig()
+        assert (pc.dp_replicate_size, pc.dp_shard_size) == (4, 8) and pc.total_size == int(args.num_processes)
+
+
+def test_ddp_config_launches_one_process_per_gpu():
+    env, args = launched_env("ddp")
+    assert args.multi_gpu and int(args.num_processes) == 8 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_diffusers_networks_name_the_blocks_fsdp2_shards():
+    """TRANSFORMER_BASED_WRAP with no class list takes the network's `_no_split_modules` (accelerate's FSDP2)."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    for cls, block in ((UNet2DConditionModel, "BasicTransformerBlock"), (FluxTransformer2DModel, "FluxTransformerBlock"),
+                       (SD3Transformer2DModel, "JointTransformerBlock"),
+                       (PixArtTransformer2DModel, "BasicTransformerBlock")):
+        assert block in cls._no_split_modules
+
+
+def _fake(kind: str, activation_checkpointing: bool = False) -> SimpleNamespace:
+    plugin = SimpleNamespace(activation_checkpointing=activation_checkpointing)
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+def test_engine_settings_fewstep_cannot_honour_are_refused_in_one_line():
+    shared = nn.Linear(2, 2)                   # one network, two roles (two adapters on one base)
+    a, b = nn.Parameter(shared.weight), nn.Parameter(shared.bias)
+    shared.weight, shared.bias = a, b
+    two_roles = {"student": {"w": a}, "critic": {"b": b}}
+    with pytest.raises(FewstepError, match=r"^DeepSpeed runs recipes with one trained role .*fsdp2.yaml"):
+        check_engine(_fake("DEEPSPEED"), [shared], two_roles)
+    check_engine(_fake("DEEPSPEED"), [shared], {"student": {"w": a, "b": b}})          # LCM: one role
+    with pytest.raises(FewstepError, match="fsdp_activation_checkpointing .* student.gradient_checkpointing=true"):
+        check_engine(_fake("FSDP", activation_checkpointing=True), [shared], two_roles)
+    check_engine(_fake("FSDP", activation_checkpointing=False), [shared], two_roles)
+    separate = [nn.Linear(2, 2), nn.Linear(2, 2)]
+    check_engine(_fake("FSDP", activation_checkpointing=True), separate,
+                 {"student": dict(separate[0].named_parameters()), "critic": dict(separate[1].named_parameters())})
