@@ -218,3 +218,30 @@ def test_gradient_checkpointing_recomputes_with_each_roles_adapter(recipe: str, 
     for role, tensors in weights["false"].items():
         for key, value in tensors.items():
             torch.testing.assert_close(weights["true"][role][key], value, rtol=1e-5, atol=1e-7, msg=f"{role} {key}")
+
+
+def test_text_embedding_cache_switch_changes_cost_not_conditions():
+    """train.text_embedding_cache=false encodes every batch again; the conditions are the same either way."""
+    from types import SimpleNamespace
+
+    from fewstep.train.trainer import PromptCache
+
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return {"e": torch.tensor([[float(len(p)), float(ord(p[0]))] for p in prompts])}
+
+    teacher = SimpleNamespace(encode_prompts=encode)
+    batches = [["a cat", "a dog", "a cat"], ["a dog", "tree"], ["a cat", "tree"]]
+    cached, uncached = PromptCache(teacher), PromptCache(teacher, limit=0)
+    for b in batches:
+        torch.testing.assert_close(cached(b)["e"], uncached(b)["e"], rtol=0, atol=0)
+        torch.testing.assert_close(cached(b)["e"], encode(b)["e"], rtol=0, atol=0)
+    calls.clear()
+    for b in batches:
+        cached(b)
+    assert calls == []                                              # all three prompts are cached by now
+    for b in batches:
+        uncached(b)
+    assert calls == [["a cat", "a dog"], ["a dog", "tree"], ["a cat", "tree"]]   # each batch's distinct prompts

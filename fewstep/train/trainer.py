@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,14 @@ class PromptCache:
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
         if missing:
             enc = self.teacher.encode_prompts(missing)
+            fresh = {p: {k: v[i:i + 1] for k, v in enc.items()} for i, p in enumerate(missing)}
             if len(self.rows) + len(missing) <= self.limit:
-                self.rows.update({p: {k: v[i:i + 1] for k, v in enc.items()} for i, p in enumerate(missing)})
-            else:
-                return self.teacher.encode_prompts(prompts)
-        return {k: torch.cat([self.rows[p][k] for p in prompts]) for k in self.rows[prompts[0]]}
+                self.rows.update(fresh)
+        rows = [self.rows[p] if p in self.rows else fresh[p] for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
 class Trainer:
@@ -50,7 +52,7 @@ class Trainer:
         self.optim = RoleOptimizers(recipe, cfg.train, accelerator)
         self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
         self.ema = self._ema()
-        self.prompts = PromptCache(teacher)
+        self.prompts = PromptCache(teacher, limit=4096 if cfg.train.text_embedding_cache else 0)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._window: dict[str, tuple[float, int]] = {}
@@ -106,6 +108,8 @@ class Trainer:
             row["sec_per_step"] = time.perf_counter() - tic
             if self.acc.device.type == "cuda":   # the allocator's high-water mark so far (what decides an OOM)
                 row["cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            else:                                # this process's resident-memory high-water mark
+                row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
