@@ -142,3 +142,52 @@ def test_distill_with_bf16_mixed_precision_on_cuda(tmp_path: Path):
     assert next(teacher.net.parameters()).device.type == "cuda"
     out_latents = latents(teacher, torch.bfloat16, steps=len(spec.times) - 1)
     assert torch.isfinite(out_latents).all()
+
+
+def test_fp16_trains_with_accelerates_gradient_scaler(tmp_path: Path):
+    """train.mixed_precision=fp16 on CUDA: accelerate's GradScaler scales the loss (the prepared optimizers step
+    through it) and the losses stay finite; two roles (DMD2 student and critic) share the one scaler."""
+    from fewstep.config import load_config
+    from fewstep.distill import build_run, make_accelerator
+    from fewstep.train.trainer import Trainer
+
+    cfg = load_config(["recipe=dmd2", f"output_dir={tmp_path / 'fp16'}", "train.steps=4", "data.batch_size=8",
+                       "train.mixed_precision=fp16", "method.critic_steps_per_student_step=2"])
+    acc = make_accelerator(cfg)
+    assert acc.scaler is not None
+    teacher, recipe, dataset = build_run(cfg, acc.device)
+    trainer = Trainer(cfg, recipe, teacher, dataset, acc)
+    rows = []
+    for _ in range(4):
+        rows.append(trainer.train_iteration())
+        trainer.step += 1
+    assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
+    assert {k for r in rows for k in r} >= {"loss/student", "loss/critic", "skipped/student", "skipped/critic"}
+
+
+def test_fsdp2_training_step_on_one_gpu_matches_the_unsharded_step(tmp_path: Path):
+    """accelerate's FSDP2 on CUDA (world size 1 here; tests/test_world_size.py runs 2 CPU processes): the
+    training step of tests/fsdp2_cpu_train.py sharded and unsharded give the same losses and weights within the
+    tolerance of TF32 matmuls."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    argv = ["recipe=lcm", "train.steps=3", "student.mode=lora", "student.lora.rank=2", "student.lora.alpha=2",
+            "data.batch_size=4", "train.progress=false", f"output_dir={tmp_path / 'run'}"]
+    outs = {}
+    for engine in ("single", "fsdp2"):
+        outs[engine] = tmp_path / engine
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(root / "tests" / "fsdp2_cpu_train.py"), str(outs[engine]), "--engine",
+               engine, *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rows = {e: json.loads((o / "rows.json").read_text()) for e, o in outs.items()}
+    for a, b in zip(rows["single"], rows["fsdp2"]):
+        assert b["loss/student"] == pytest.approx(a["loss/student"], rel=1e-2)
+    wa, wb = (load_file(o / "weights.safetensors") for o in outs.values())
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-3)

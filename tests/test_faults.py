@@ -39,7 +39,7 @@ def distill(argv: list[str], fault: str = "") -> subprocess.CompletedProcess:
 
 def metrics(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("sec_per_step", "peak_rss_mb")} for r in rows]   # measured, not math
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -204,13 +204,29 @@ class RoleOptimizers:
 
     def step(self, role: str) -> float:
         """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
-        skips both (counted in `skipped`). Returns the gradient norm before clipping."""
+        skips both (counted in `skipped`). Returns the gradient norm before clipping.
+
+        fp16: accelerate's GradScaler. `accelerator.clip_grad_norm_` unscales every prepared optimizer (accelerate's
+        own TODO), which would unscale a second role's gradients twice, so each role unscales only its own
+        optimizer here and clips with torch's clip; its optimizer always steps through the scaler, which skips a
+        step with an overflow and lowers the scale (a skip counted here too)."""
         params = list(self.params[role].values())
-        norm = float(self.acc.clip_grad_norm_(params, self.grad_clip or float("inf")))
+        limit = self.grad_clip or float("inf")
+        opt = self.optimizers[role]
+        if getattr(self.acc, "scaler", None) is not None:
+            self.acc.unscale_gradients(optimizer=opt)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+            opt.step()
+            if opt.step_was_skipped:
+                self.skipped[role] += 1
+                return norm
+            self.schedulers[role].step()
+            return norm
+        norm = float(self.acc.clip_grad_norm_(params, limit))
         if not torch.isfinite(torch.tensor(norm)):
             self.skipped[role] += 1
             return norm
-        self.optimizers[role].step()
+        opt.step()
         self.schedulers[role].step()
         return norm
 
