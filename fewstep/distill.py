@@ -50,16 +50,17 @@ def preflight(argv: list[str]) -> Plan:
 
         verify_checkpoint(resume)
         applied = resume_changes(cfg, resume.parent.parent / "config.yaml")
+        applied.update(check_global_batch(cfg, resume, applied.pop("data.batch_size", None)))
     finished = (resume is not None and paths.checkpoint_step(resume) >= cfg.train.steps
                 and paths.read_sidecar(Path(cfg.output_dir) / "export") is not None)
     return Plan(cfg, resume, finished, applied)
 
 
 # Settings a resumed run may change: when and how much it logs, samples, evaluates and keeps, how long it trains
-# (the LR schedule is rebuilt for the new length) and its learning rate (applied to every role, keeping the
-# schedule's position). Every other difference from the run's config.yaml is refused: it would silently change
+# (the LR schedule is rebuilt for the new length), its learning rate (applied to every role, keeping the
+# schedule's position) and the per-process batch where the global batch stays the same (another process count). Every other difference from the run's config.yaml is refused: it would silently change
 # the math of a run that claims to continue.
-RESUMABLE = ("resume", "train.steps", "train.lr", "train.log_every", "train.sample_every", "train.checkpoint_every",
+RESUMABLE = ("resume", "data.batch_size", "train.steps", "train.lr", "train.log_every", "train.sample_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.eval_every", "train.eval_protocol", "train.eval_num_images",
              "train.trackers", "train.progress", "train.max_nonfinite_steps", "sample.grid_size")
 
@@ -81,6 +82,31 @@ def resume_changes(cfg: DictConfig, saved_path: Path) -> dict[str, tuple[Any, An
                            f"a resumed run keeps its training settings: set {k}={changed[k][0]} (or drop the "
                            "override), or start a new output_dir")
     return changed
+
+
+def check_global_batch(cfg: DictConfig, resume: Path, changed: tuple[Any, Any] | None) -> dict[str, tuple[Any, Any]]:
+    """A resume on another number of processes keeps the global batch (data.batch_size x processes x
+    accumulation): the draws are keyed by global position, so the run continues the same math. A changed
+    data.batch_size is accepted only where it keeps the global batch the same; {"data.batch_size": ...} then."""
+    import json
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    saved = json.loads((resume / paths.STATE_FILE).read_text()).get("global_batch")
+    now = cfg.data.batch_size * world * cfg.train.gradient_accumulation_steps
+    if saved is None:   # checkpoints written before the global batch was recorded: only the setting can be compared
+        if changed is not None:
+            raise FewstepError(f"resume: data.batch_size is {changed[1]} but the run was trained with {changed[0]}; "
+                               f"set data.batch_size={changed[0]}, or start a new output_dir")
+        return {}
+    if now != saved:
+        per = saved // (world * cfg.train.gradient_accumulation_steps)
+        fix = (f"set data.batch_size={per}" if per * world * cfg.train.gradient_accumulation_steps == saved
+               else f"use a number of processes that divides {saved}")
+        raise FewstepError(f"resume: the global batch would be {now} (data.batch_size={cfg.data.batch_size} x {world} "
+                           f"processes x {cfg.train.gradient_accumulation_steps} accumulation) but the run was trained "
+                           f"with {saved}; {fix}, or start a new output_dir")
+    return {} if changed is None else {"data.batch_size": changed}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -202,7 +228,8 @@ def run(argv: list[str]) -> Path:
         if cfg.train.trackers:
             acc.init_trackers("fewstep", config=OmegaConf.to_container(cfg, resolve=True))
         trainer.fit()
-        acc.end_training()
+        acc.wait_for_everyone()   # leave together: a process tearing gloo down while another still samples can abort
+        acc.end_training()        # trackers, then the process group
         if not acc.is_main_process:
             return out / "export"
         path = finish(cfg, trainer, teacher, recipe)

@@ -110,6 +110,9 @@ def test_resume_refuses_changed_training_settings_and_applies_allowed_ones(teach
         with pytest.raises(FewstepError, match=rf"^resume: {key} is .* but the run was trained with .*start a new "
                                                "output_dir$"):
             run([*base, "train.steps=3", "resume=latest", change])
+    with pytest.raises(FewstepError, match=r"^resume: the global batch would be 1 \(data.batch_size=1 x 1 processes x 1 "
+                                           r"accumulation\) but the run was trained with 2; set data.batch_size=2"):
+        run([*base, "train.steps=3", "resume=latest", "data.batch_size=1"])
     capsys.readouterr()
     run([*base, "train.steps=3", "resume=latest", "train.lr=2e-4"])
     said = capsys.readouterr()

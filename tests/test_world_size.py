@@ -108,3 +108,29 @@ def test_fsdp2_with_two_trained_networks_is_refused_in_one_line(teacher_dir: Pat
     done = subprocess.run([*LAUNCH, "--main_process_port", free_port(), *args], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "error: FSDP2 trains one network per run for now" in done.stderr
+
+
+def test_a_checkpoint_resumes_on_another_world_size(teacher_dir: Path, tmp_path: Path):
+    """Checkpoints hold full tensors keyed by name and the draws are keyed by global position: a DMD2 run saved by
+    1 process at step 2 and resumed by 2 processes (half batches) ends where the uninterrupted 1-process run does."""
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    run(teacher_dir, whole, "dmd2", processes=1, batch=4)
+    steps = [a for a in RECIPES["dmd2"] if not a.startswith("train.steps")]
+    first = [sys.executable, str(ROOT / "scripts" / "distill.py"), *steps, "train.steps=2",
+             f"teacher.pretrained={teacher_dir}", f"output_dir={moved}", "data.batch_size=4", "train.log_every=1",
+             "train.sample_every=0", "train.checkpoint_every=0", "sample.grid_size=2", "train.progress=false"]
+    assert subprocess.run(first, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600).returncode == 0
+    second = [*LAUNCH, "--main_process_port", free_port(), *first[1:]]
+    second = [a for a in second if a not in ("train.steps=2", "data.batch_size=4")]
+    second += ["train.steps=4", "data.batch_size=2", "resume=latest"]
+    done = subprocess.run(second, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = final_weights(whole), final_weights(moved)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, moved)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for x, y in zip(*rows):
+        for k in (k for k in x if k.startswith("loss/")):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)

@@ -284,6 +284,8 @@ def run_eval_cli(args: Any, argv: Sequence[str]) -> list[EvalRow]:
             write_section(Path(args.results), section, body)
             print(f"wrote section {section} of {args.results}")
         print(f"wrote {out / 'report.json'}, report.md, metric_vs_nfe.png and grids/")
+    state.wait_for_everyone()      # leave together, then close the process group (an abandoned gloo group can abort)
+    state.destroy_process_group()
     return rows
 
 
