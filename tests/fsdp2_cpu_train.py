@@ -17,6 +17,7 @@ from fewstep.distill import build_run, make_accelerator
 
 
 def main(out: Path, engine: str, argv: list[str]) -> None:
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
     from torch.distributed.tensor import DTensor
 
@@ -28,6 +29,7 @@ def main(out: Path, engine: str, argv: list[str]) -> None:
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                                                auto_wrap_policy="transformer_based_wrap")
         acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP   # or a later state re-read undoes it
     set_seed(cfg.train.seed)
     teacher, recipe, dataset = build_run(cfg, acc.device)
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)

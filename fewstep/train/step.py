@@ -63,6 +63,11 @@ def route(net: nn.Module, runner: nn.Module) -> None:
     net.forward = forward
 
 
+def _full(t: Tensor) -> Tensor:
+    """A DTensor's global value (a gradient norm under FSDP2); other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _engine(accelerator: Any) -> str:
     """"FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO", ... (accelerate's distributed type)."""
     return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
@@ -114,6 +119,9 @@ class RoleOptimizers:
                                                   num_warmup_steps=train.warmup_steps, num_training_steps=train.steps)
         self.networks = trained_networks(list(roles.values()))
         check_engine(accelerator, self.networks, self.params)
+        if _engine(accelerator) == "FSDP" and recipe.extra_state():
+            raise FewstepError(f"{type(recipe).__name__} keeps a target network beside the student (EMA), which FSDP2 "
+                               "does not shard yet; use student.mode=lora, or recipes/accelerate/ddp.yaml")
         where = {id(p): (i, name) for i, net in enumerate(self.networks) for name, p in net.named_parameters()}
         self.prepared = self._prepare(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
@@ -133,11 +141,6 @@ class RoleOptimizers:
         per network with the roles it holds (a role spread over two networks is refused)."""
         names = list(self.params)
         if _engine(accelerator) == "FSDP":
-            if len(self.networks) > 1:   # measured on CPU processes: the second sharded root fails in backward
-                raise FewstepError("FSDP2 trains one network per run for now (student and critic as LoRA adapters on "
-                                   f"one base); this run trains {len(self.networks)} "
-                                   f"({', '.join(type(n).__name__ for n in self.networks)}): use student.mode=lora "
-                                   "method.critic_mode=lora, or recipes/accelerate/ddp.yaml")
             home = {}
             for role in names:
                 nets = {where[id(p)][0] for p in self.params[role].values()}
@@ -202,6 +205,14 @@ class RoleOptimizers:
                                     if p.requires_grad)
         self.acc.backward(loss)
 
+    def _clip(self, params: list[nn.Parameter], limit: float) -> Tensor:
+        """`accelerator.clip_grad_norm_`; under FSDP2 torch's own clip, which takes DTensor gradients
+        (accelerate's FSDP branch looks for a prepared model owning exactly `params`, and a role may own a part
+        of one network, or all of one of several)."""
+        if _engine(self.acc) == "FSDP":
+            return torch.nn.utils.clip_grad_norm_(params, limit)
+        return self.acc.clip_grad_norm_(params, limit)
+
     def step(self, role: str) -> float:
         """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
         skips both (counted in `skipped`). Returns the gradient norm before clipping.
@@ -222,7 +233,7 @@ class RoleOptimizers:
                 return norm
             self.schedulers[role].step()
             return norm
-        norm = float(self.acc.clip_grad_norm_(params, limit))
+        norm = float(_full(self._clip(params, limit)))
         if not torch.isfinite(torch.tensor(norm)):
             self.skipped[role] += 1
             return norm
