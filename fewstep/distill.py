@@ -48,9 +48,9 @@ def preflight(argv: list[str]) -> Plan:
     if resume is not None:
         from fewstep.train.checkpoint import verify_checkpoint
 
-        verify_checkpoint(resume)
+        state = verify_checkpoint(resume)
         applied = resume_changes(cfg, resume.parent.parent / "config.yaml")
-        applied.update(check_global_batch(cfg, resume, applied.pop("data.batch_size", None)))
+        applied.update(check_global_batch(cfg, state.get("global_batch"), applied.pop("data.batch_size", None)))
     finished = (resume is not None and paths.checkpoint_step(resume) >= cfg.train.steps
                 and paths.read_sidecar(Path(cfg.output_dir) / "export") is not None)
     return Plan(cfg, resume, finished, applied)
@@ -58,10 +58,11 @@ def preflight(argv: list[str]) -> Plan:
 
 # Settings a resumed run may change: when and how much it logs, samples, evaluates and keeps, how long it trains
 # (the LR schedule is rebuilt for the new length), its learning rate (applied to every role, keeping the
-# schedule's position) and the per-process batch where the global batch stays the same (another process count). Every other difference from the run's config.yaml is refused: it would silently change
-# the math of a run that claims to continue.
-RESUMABLE = ("resume", "data.batch_size", "train.steps", "train.lr", "train.log_every", "train.sample_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.eval_every", "train.eval_protocol", "train.eval_num_images",
+# schedule's position) and the per-process batch where the global batch stays the same (another process count).
+# Every other difference from the run's config.yaml is refused: it would silently change the math of a run that
+# claims to continue.
+RESUMABLE = ("resume", "data.batch_size", "train.steps", "train.lr", "train.log_every", "train.sample_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.eval_protocol", "train.eval_num_images",
              "train.trackers", "train.progress", "train.max_nonfinite_steps", "sample.grid_size")
 
 
@@ -84,15 +85,15 @@ def resume_changes(cfg: DictConfig, saved_path: Path) -> dict[str, tuple[Any, An
     return changed
 
 
-def check_global_batch(cfg: DictConfig, resume: Path, changed: tuple[Any, Any] | None) -> dict[str, tuple[Any, Any]]:
+def check_global_batch(cfg: DictConfig, saved: int | None,
+                       changed: tuple[Any, Any] | None) -> dict[str, tuple[Any, Any]]:
     """A resume on another number of processes keeps the global batch (data.batch_size x processes x
-    accumulation): the draws are keyed by global position, so the run continues the same math. A changed
-    data.batch_size is accepted only where it keeps the global batch the same; {"data.batch_size": ...} then."""
-    import json
+    accumulation; `saved` is the checkpoint's): the draws are keyed by global position, so the run continues the
+    same math. A changed data.batch_size is accepted only where it keeps the global batch the same;
+    {"data.batch_size": ...} then."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    saved = json.loads((resume / paths.STATE_FILE).read_text()).get("global_batch")
     now = cfg.data.batch_size * world * cfg.train.gradient_accumulation_steps
     if saved is None:   # checkpoints written before the global batch was recorded: only the setting can be compared
         if changed is not None:

@@ -2,7 +2,7 @@
 mode x engine (one process, or DDP on 2 processes with half the batch each), plus the memory switches
 (gradient checkpointing, the text-embedding cache), written into docs/results.md (section `train-cost`).
 
-    python scripts/toy_train_cost.py                # about 10 minutes on 2 CPU cores; run it alone
+    python scripts/toy_train_cost.py                # about 5 minutes on 2 CPU cores; run it alone
 
 (scripts/train_cost.py summarises runs you trained yourself, e.g. on a GPU.)
 

@@ -78,9 +78,9 @@ def damaged(path: Path, reason: str) -> FewstepError:
     return FewstepError(f"checkpoint {path} is damaged ({reason}); {fix}")
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Cheap completeness check before any model loads: state.json parses and every file it lists is there with
-    its recorded size (a truncated copy or a half-synced disk fails here)."""
+    its recorded size (a truncated copy or a half-synced disk fails here). Returns state.json."""
     try:
         meta = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
@@ -91,6 +91,7 @@ def verify_checkpoint(path: Path) -> None:
             raise damaged(path, f"{name} is missing")
         if f.stat().st_size != size:
             raise damaged(path, f"{name} has {f.stat().st_size} bytes, {size} were written")
+    return meta
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
@@ -99,9 +100,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     if not state_file.is_file():
         raise FewstepError(f"{path} is not a complete checkpoint (no {STATE_FILE}); resume from another one or "
                            "start a new run")
-    verify_checkpoint(path)
+    meta = verify_checkpoint(path)
     try:
-        meta = json.loads(state_file.read_text())
         tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
         blobs = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(path.glob("*.pt"))}
     except Exception as exc:  # safetensors / pickle / json errors all mean the same to the user

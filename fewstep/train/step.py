@@ -11,6 +11,7 @@ prepared once, and each role's optimizer owns only its adapter's parameters.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
@@ -123,23 +124,22 @@ class RoleOptimizers:
             raise FewstepError(f"{type(recipe).__name__} keeps a target network beside the student (EMA), which FSDP2 "
                                "does not shard yet; use student.mode=lora, or recipes/accelerate/ddp.yaml")
         where = {id(p): (i, name) for i, net in enumerate(self.networks) for name, p in net.named_parameters()}
+        loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in where]
+        if loose:   # a recipe bug: these would train without being synchronised across processes
+            raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
+                               "from Recipe.trainable()")
         self.prepared = self._prepare(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
                 route(net, wrapped)
         self._follow_resharded_parameters(where)
-        covered = {id(p) for net in self.networks for p in net.parameters()}
-        loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in covered]
-        if loose:   # a recipe bug: these would train without being synchronised across processes
-            raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
-                               "from Recipe.trainable()")
-        self.skipped = {r: 0 for r in self.params}
 
     def _prepare(self, accelerator: Any, where: dict[int, tuple[int, str]]) -> list[nn.Module]:
         """`accelerator.prepare` the networks with the optimizers and schedules of their roles; the prepared
         networks, in order. One call for DDP; under FSDP2, which accelerate prepares one network at a time, one call
         per network with the roles it holds (a role spread over two networks is refused)."""
         names = list(self.params)
+        groups: list[tuple[list[int], list[str]]] = [(list(range(len(self.networks))), names)]
         if _engine(accelerator) == "FSDP":
             home = {}
             for role in names:
@@ -149,12 +149,9 @@ class RoleOptimizers:
                                        f"{len(nets)} ({', '.join(type(self.networks[i]).__name__ for i in sorted(nets))}); "
                                        "for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0")
                 home[role] = nets.pop()
-            groups = [(i, [r for r in names if home[r] == i]) for i in range(len(self.networks))]
-        else:
-            groups = [(None, names)]
+            groups = [([i], [r for r in names if home[r] == i]) for i in range(len(self.networks))]
         prepared = list(self.networks)
-        for i, roles in groups:
-            nets = list(range(len(self.networks))) if i is None else [i]
+        for nets, roles in groups:
             out = accelerator.prepare(*(self.networks[j] for j in nets), *(self.optimizers[r] for r in roles),
                                       *(self.schedulers[r] for r in roles))
             out = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -205,41 +202,37 @@ class RoleOptimizers:
                                     if p.requires_grad)
         self.acc.backward(loss)
 
-    def _clip(self, params: list[nn.Parameter], limit: float) -> Tensor:
-        """`accelerator.clip_grad_norm_`; under FSDP2 torch's own clip, which takes DTensor gradients
-        (accelerate's FSDP branch looks for a prepared model owning exactly `params`, and a role may own a part
-        of one network, or all of one of several)."""
-        if _engine(self.acc) == "FSDP":
-            return torch.nn.utils.clip_grad_norm_(params, limit)
-        return self.acc.clip_grad_norm_(params, limit)
-
-    def step(self, role: str) -> float:
-        """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
-        skips both (counted in `skipped`). Returns the gradient norm before clipping.
-
-        fp16: accelerate's GradScaler. `accelerator.clip_grad_norm_` unscales every prepared optimizer (accelerate's
-        own TODO), which would unscale a second role's gradients twice, so each role unscales only its own
-        optimizer here and clips with torch's clip; its optimizer always steps through the scaler, which skips a
-        step with an overflow and lowers the scale (a skip counted here too)."""
+    def _clip(self, role: str, limit: float) -> float:
+        """Clip `role`'s gradients; their norm before clipping. `accelerator.clip_grad_norm_`, except:
+        - fp16: accelerate's clip unscales every prepared optimizer (its own TODO), which would unscale a second
+          role's gradients twice, so the role unscales only its own optimizer, then torch's clip;
+        - FSDP2: torch's clip, which takes DTensor gradients (accelerate's FSDP branch looks for a prepared model
+          owning exactly these parameters, and a role may own a part of one network, or all of one of several)."""
         params = list(self.params[role].values())
-        limit = self.grad_clip or float("inf")
-        opt = self.optimizers[role]
-        if getattr(self.acc, "scaler", None) is not None:
-            self.acc.unscale_gradients(optimizer=opt)
-            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        if self.scaled:
+            self.acc.unscale_gradients(optimizer=self.optimizers[role])
+        if self.scaled or _engine(self.acc) == "FSDP":
+            return float(_full(torch.nn.utils.clip_grad_norm_(params, limit)))
+        return float(self.acc.clip_grad_norm_(params, limit))
+
+    @property
+    def scaled(self) -> bool:
+        """fp16: accelerate's GradScaler is on."""
+        return getattr(self.acc, "scaler", None) is not None
+
+    def step(self, role: str) -> tuple[float, bool]:
+        """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
+        skips both. Under fp16 the optimizer always steps through the GradScaler, which itself skips a step with
+        an overflow (and lowers the scale). Returns (the gradient norm before clipping, whether it stepped)."""
+        norm, opt = self._clip(role, self.grad_clip or float("inf")), self.optimizers[role]
+        if self.scaled:
             opt.step()
-            if opt.step_was_skipped:
-                self.skipped[role] += 1
-                return norm
+            stepped = not opt.step_was_skipped
+        elif stepped := math.isfinite(norm):
+            opt.step()
+        if stepped:
             self.schedulers[role].step()
-            return norm
-        norm = float(_full(self._clip(params, limit)))
-        if not torch.isfinite(torch.tensor(norm)):
-            self.skipped[role] += 1
-            return norm
-        opt.step()
-        self.schedulers[role].step()
-        return norm
+        return norm, stepped
 
 
 def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int], Batch],
@@ -261,8 +254,7 @@ def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int]
             totals[k] = totals.get(k, 0.0) + float(v) / accumulation
     fault_point("step", step)
     for role in stepped:
-        skipped = optim.skipped[role]
-        totals[f"grad_norm/{role}"] = optim.step(role)
-        totals[f"skipped/{role}"] = float(optim.skipped[role] > skipped)   # a non-finite gradient: no step
+        totals[f"grad_norm/{role}"], moved = optim.step(role)
+        totals[f"skipped/{role}"] = float(not moved)   # a non-finite gradient: no step
     recipe.after_optimizer_step(step)
     return totals, stepped

@@ -263,7 +263,7 @@ class Trainer:
         lora = lora_config_dict(student) if has_lora(student) else None
         return {"recipe": self.cfg.recipe, "algorithm": self.cfg.algorithm, "student_mode": self.cfg.student.mode,
                 "lora_rank": lora["r"] if lora else None, "teacher": self.cfg.teacher.pretrained,
-                "world_size": self.acc.num_processes, "global_batch": self.cfg.data.batch_size * self.acc.num_processes
+                "global_batch": self.cfg.data.batch_size * self.acc.num_processes
                 * self.cfg.train.gradient_accumulation_steps,
                 "log_window": {k: list(v) for k, v in self._window.items()}}
 
