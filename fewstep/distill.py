@@ -204,10 +204,6 @@ def run(argv: list[str]) -> Path:
     from accelerate.utils import set_seed
 
     acc = make_accelerator(cfg)
-    if str(acc.distributed_type).endswith("FSDP"):
-        raise FewstepError("FSDP2 runs are not enabled yet: the training step is (tests/test_world_size.py), but "
-                           "checkpoints, sample grids and the export of sharded weights are not; launch with "
-                           "recipes/accelerate/ddp.yaml")
     if acc.num_processes > 1:
         print(f"process {acc.process_index} of {acc.num_processes} ({acc.distributed_type.value}, {acc.device})",
               flush=True)
@@ -229,23 +225,24 @@ def run(argv: list[str]) -> Path:
         if cfg.train.trackers:
             acc.init_trackers("fewstep", config=OmegaConf.to_container(cfg, resolve=True))
         trainer.fit()
+        trainer.apply_ema()
+        net = trainer.export_net()   # every process: sharded weights are gathered onto the main one
         acc.wait_for_everyone()   # leave together: a process tearing gloo down while another still samples can abort
         acc.end_training()        # trackers, then the process group
         if not acc.is_main_process:
             return out / "export"
-        path = finish(cfg, trainer, teacher, recipe)
+        path = finish(cfg, trainer, teacher, recipe, net)
     print(summary(out, path, trainer.step, time.perf_counter() - tic))
     return path
 
 
-def finish(cfg: DictConfig, trainer: Any, teacher: Any, recipe: Any) -> Path:
+def finish(cfg: DictConfig, trainer: Any, teacher: Any, recipe: Any, net: Any) -> Path:
     from fewstep.export import export_student
     from fewstep.train.report import plot_losses
 
     out = Path(cfg.output_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
-    trainer.apply_ema()
-    return export_student(teacher, recipe.export_net(), recipe.inference(), out / "export", cfg.recipe,
+    return export_student(teacher, net, recipe.inference(), out / "export", cfg.recipe,
                           teacher_reference(cfg.teacher.pretrained), {"train_steps": trainer.step})
 
 

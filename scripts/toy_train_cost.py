@@ -10,7 +10,8 @@ Each row is a short `fewstep distill` run of its preset (`recipe=<r> model=toy-d
 preset); s/iter is the mean over the iterations after the warm-up (DMD2-style recipes alternate critic-only and
 student iterations, so the mean includes both in their ratio); peak memory is the main process's resident set
 (the CUDA allocator's high-water mark on a GPU: `cuda_peak_gb` in metrics.jsonl). FSDP2 is not in the table:
-`fewstep distill` does not run it yet (see recipes/accelerate/fsdp2.yaml).
+accelerate builds FSDP2 only on GPUs (the CPU tests force it through tests/fsdp2_cpu_train.py, which is not a
+configuration to time).
 """
 from __future__ import annotations
 

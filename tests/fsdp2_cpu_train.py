@@ -4,7 +4,8 @@ tests/test_world_size.py, and write the per-step log rows and the full (gathered
 accelerate enables FSDP only on GPU-like devices and builds DDP on CPU processes, so `--engine fsdp2` makes the
 run's Accelerator FSDP2 (full shard, each diffusers block its own unit from `_no_split_modules`) before anything is
 prepared; from there on it is accelerate's own FSDP2 path: `fully_shard` in `prepare`, DTensor parameters, sharded
-Adam states and accelerate's clipping. `--engine single` is the 1-process reference.
+Adam states and accelerate's clipping. `--engine single` is the 1-process reference. `--engine fsdp2-run` runs the
+whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerator; OUT is then unused.
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
 import json
 import sys
@@ -16,20 +17,33 @@ from fewstep.config import load_config
 from fewstep.distill import build_run, make_accelerator
 
 
-def main(out: Path, engine: str, argv: list[str]) -> None:
+def fsdp2_accelerator(cfg):
+    """The run's Accelerator, made FSDP2 (full shard, diffusers blocks as units) on CPU processes."""
     from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc = make_accelerator(cfg)
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                           auto_wrap_policy="transformer_based_wrap")
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP   # or a later state re-read undoes it
+    return acc
+
+
+def main(out: Path, engine: str, argv: list[str]) -> None:
+    from accelerate.utils import set_seed
     from torch.distributed.tensor import DTensor
 
     from fewstep.train.trainer import Trainer
 
+    if engine == "fsdp2-run":
+        import fewstep.distill
+
+        fewstep.distill.make_accelerator = fsdp2_accelerator
+        fewstep.distill.run(argv)
+        return
     cfg = load_config(argv)
-    acc = make_accelerator(cfg)
-    if engine == "fsdp2":
-        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                                               auto_wrap_policy="transformer_based_wrap")
-        acc.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP   # or a later state re-read undoes it
+    acc = fsdp2_accelerator(cfg) if engine == "fsdp2" else make_accelerator(cfg)
     set_seed(cfg.train.seed)
     teacher, recipe, dataset = build_run(cfg, acc.device)
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)

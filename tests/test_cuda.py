@@ -191,3 +191,30 @@ def test_fsdp2_training_step_on_one_gpu_matches_the_unsharded_step(tmp_path: Pat
     wa, wb = (load_file(o / "weights.safetensors") for o in outs.values())
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-3)
+
+
+def test_distill_under_the_fsdp2_launch_config_saves_shards_resumes_and_exports(tmp_path: Path):
+    """`accelerate launch --config_file recipes/accelerate/fsdp2.yaml scripts/distill.py` on every GPU here (bf16,
+    full shard): each process writes its shard of the checkpoint, `resume=latest` continues from it, and the export
+    loads into the stock pipeline."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    gpus = torch.cuda.device_count()
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(root / "recipes" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(gpus), "--num_machines", "1",
+            str(root / "scripts" / "distill.py"), "recipe=lcm", "student.mode=lora", "student.lora.rank=2",
+            "student.lora.alpha=2", "data.batch_size=2", "train.progress=false", "train.checkpoint_every=2",
+            "train.sample_every=2", f"output_dir={out}"]
+    done = subprocess.run([*base, "train.steps=2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = list((out / "checkpoints" / "step-0000002" / "shards").glob("*.safetensors"))
+    assert len(shards) == gpus
+    done = subprocess.run([*base, "train.steps=4", "resume=latest"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
+    from fewstep.export import load_export
+
+    teacher, spec, meta = load_export(out / "export")
+    assert meta["train_steps"] == 4

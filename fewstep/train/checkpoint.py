@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,8 +44,9 @@ def remove_stale(root: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], blobs: dict[str, Any],
-                    meta: dict[str, Any], keep: int = 0) -> Path:
-    """tensors: file stem -> flat tensor dict (safetensors); blobs: file stem -> picklable-by-weights_only object.
+                    meta: dict[str, Any], keep: int = 0, shards: Callable[[Path], None] | None = None) -> Path:
+    """tensors: file stem -> flat tensor dict (safetensors); blobs: file stem -> picklable-by-weights_only object;
+    shards: writes the sharded part into the staging folder (every process at once: `fewstep.train.shards`).
     A failed write (a full disk) raises one FewstepError and leaves every earlier checkpoint as it was."""
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root)
@@ -56,8 +57,10 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
                 save_file(_contiguous(d), str(tmp / f"{stem}.safetensors"))
             for stem, obj in blobs.items():
                 torch.save(obj, tmp / f"{stem}.pt")
+            if shards is not None:
+                shards(tmp)
             fault_point("save", step)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / STATE_FILE).write_text(json.dumps({**meta, "step": step, "files": files}, indent=2, sort_keys=True))
     except FewstepError as exc:
         newest = latest(root)

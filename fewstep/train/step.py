@@ -22,6 +22,7 @@ from fewstep.errors import FewstepError
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
 from fewstep.train.checkpoint import fault_point
+from fewstep.train.shards import meta_copy, unsharded
 
 
 def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
@@ -128,6 +129,8 @@ class RoleOptimizers:
         if loose:   # a recipe bug: these would train without being synchronised across processes
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
+        # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
+        self.skeletons = [meta_copy(net) for net in self.networks] if _engine(accelerator) == "FSDP" else []
         self.prepared = self._prepare(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
@@ -172,6 +175,35 @@ class RoleOptimizers:
                 i, name = where[id(p)]
                 if current[i][name] is not p:
                     named[key] = current[i][name]
+
+    def network_of(self, role: str) -> nn.Module:
+        """The one network holding `role`'s parameters (what sharded checkpoints name them by)."""
+        ids = {id(p) for p in self.params[role].values()}
+        nets = [net for net in self.networks if any(id(p) in ids for p in net.parameters())]
+        if len(nets) != 1:
+            raise FewstepError(f"role {role!r} trains {len(nets)} networks; sharded checkpoints need one per role "
+                               "(for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0)")
+        return nets[0]
+
+    def reshard(self) -> None:
+        """Put FSDP2 networks back into their sharded parameters. FSDP2 leaves the root module's parameters
+        gathered after a forward (a backward usually follows); after a no-grad forward (the preview, a rollout)
+        nothing would shard them again, and the optimizers and checkpoints would see other tensors than the module's."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for net in self.networks:
+            for unit in net.modules():   # every FSDP unit: a block run on its own stays gathered too
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+
+    def export_network(self, net: nn.Module) -> nn.Module | None:
+        """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
+        sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
+        if not self.sharded or all(net is not n for n in self.networks):
+            return net
+        i = next(i for i, n in enumerate(self.networks) if n is net)
+        self.reshard()
+        return unsharded(net, self.skeletons[i], self.acc.is_main_process)
 
     @property
     def sharded(self) -> bool:

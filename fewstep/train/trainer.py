@@ -51,6 +51,9 @@ class Trainer:
         self.roles = recipe.trainable()
         self.optim = RoleOptimizers(recipe, cfg.train, accelerator)
         self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
+        self.sharded = self.optim.sharded
+        if self.sharded:
+            check_shardable(cfg, recipe, self.optim.networks)
         self.ema = self._ema()
         self.prompts = PromptCache(teacher, limit=4096 if cfg.train.text_embedding_cache else 0)
         self.step = 0
@@ -201,6 +204,9 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         """The preview grid at this step, captioned with the recipe, step and sampling settings, e.g.
         "lcm · step 250/1000 · 4 steps (t=0.999,0.760,0.499,0.259) · guidance 1.0" (times in [0, 1])."""
+        if self.sharded:     # every process runs the sharded network's forwards; the main one saves the grid
+            images = self.preview_images()
+            self.optim.reshard()
         if not self.acc.is_main_process:
             return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
@@ -208,7 +214,7 @@ class Trainer:
         times = [float(t) for t in spec.times[:-1]]   # the grid ends at 0, which is not a step
         caption = (f"{self.cfg.recipe} · step {self.step}/{self.cfg.train.steps} · {len(times)} steps "
                    f"(t={','.join(f'{t:.3f}' for t in times)}) · guidance {spec.guidance_scale:g}")
-        save_grid(self.preview_images(), path, caption=caption)
+        save_grid(images if self.sharded else self.preview_images(), path, caption=caption)
         return path
 
     @torch.no_grad()
@@ -239,7 +245,11 @@ class Trainer:
         """A checkpoint of this step; none while the last steps were non-finite (nothing to keep there, and
         rotation would drop a good one)."""
         self.check_replicas_in_sync()
-        if not self.acc.is_main_process or self.nonfinite_streak:
+        if self.nonfinite_streak:
+            return None
+        if self.sharded:
+            return self._save_sharded()
+        if not self.acc.is_main_process:
             return None
         tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
         extra = self.recipe.extra_state()
@@ -252,6 +262,52 @@ class Trainer:
             blobs["ema"] = self.ema.state_dict()
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, blobs, self.meta(),
                                     self.cfg.train.keep_checkpoints)
+
+    def _networks_by_role(self) -> dict[str, nn.Module]:
+        return {r: self.optim.network_of(r) for r in self.roles}
+
+    def _save_sharded(self) -> Path | None:
+        """Every process writes its shard of the trained parameters and optimizer states (`shards.save_shards`)
+        into the main process's staging folder; the main one adds the rest and renames it into place."""
+        from accelerate.utils import broadcast_object_list
+
+        from fewstep.train import shards
+
+        self.optim.reshard()
+        tensors, settings = shards.role_state(self.params, self.optimizers, self._networks_by_role())
+        blobs = {"optimizer_groups": settings,
+                 "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+                 "rng": {"torch": torch.get_rng_state()}}
+        meta = {**self.meta(), "sharded": True}
+        if not self.acc.is_main_process:   # the main process names its staging folder, or the error it met first
+            kind, text = broadcast_object_list([None])[0]
+            if kind == "dir":
+                shards.save_shards(Path(text), tensors)
+                kind, text = broadcast_object_list([None])[0]
+            if kind == "error":
+                raise FewstepError(text)
+            return None
+        started = False
+
+        def write_shards(tmp: Path) -> None:
+            nonlocal started
+            started = True
+            broadcast_object_list([("dir", str(tmp))])
+            shards.save_shards(tmp, tensors)
+
+        try:
+            saved = ckpt.save_checkpoint(self.out / "checkpoints", self.step, {}, blobs, meta,
+                                         self.cfg.train.keep_checkpoints, shards=write_shards)
+        except FewstepError as exc:
+            broadcast_object_list([("error", str(exc))])
+            raise
+        broadcast_object_list([("ok", str(saved))] if started else [("error", "checkpoint not started")])
+        return saved
+
+    def export_net(self) -> nn.Module | None:
+        """The recipe's export network with full weights on the main process (gathered when sharded: call it on
+        every process); None on the others when sharded."""
+        return self.optim.export_network(self.recipe.export_net())
 
     def apply_ema(self) -> None:
         """Copy the EMA weights into the student (end of training / export); no-op without train.ema_decay."""
@@ -270,6 +326,50 @@ class Trainer:
     def restore(self, path: Path) -> None:
         tensors, blobs, meta = ckpt.load_checkpoint(path)
         check_compatible(meta, self.meta(), path)
+        wanted = {r: [g["initial_lr"] for g in o.param_groups] for r, o in self.optimizers.items()}   # this run's lr
+        if meta.get("sharded"):
+            self._restore_sharded(path, blobs)
+        elif self.sharded:
+            raise FewstepError(f"checkpoint {path} holds full tensors (written without FSDP2) and this run shards its "
+                               "parameters; resume it with the launch config it was written with (e.g. "
+                               "recipes/accelerate/ddp.yaml), or start a new output_dir")
+        else:
+            self._restore_full(path, tensors, blobs)
+        for role in self.roles:
+            self.schedulers[role].load_state_dict(blobs["schedulers"][role])
+            apply_lr(self.optimizers[role], self.schedulers[role], wanted[role])
+        torch.set_rng_state(blobs["rng"]["torch"])
+        if self.ema is not None and "ema" in blobs:
+            self.ema.load_state_dict(blobs["ema"])
+        self.step = int(meta["step"])
+        self._window = {k: (float(total), int(count)) for k, (total, count) in meta.get("log_window", {}).items()}
+        if self.acc.is_main_process:   # rows logged after this checkpoint are logged again from here on
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                truncate_log(self.out / name, self.step)
+
+    def _restore_sharded(self, path: Path, blobs: dict[str, Any]) -> None:
+        """Parameters and optimizer states from the checkpoint's shards, resharded for this run's engine and
+        world size (or read whole by a run that does not shard)."""
+        import warnings
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from fewstep.train import shards
+
+        missing = [f"{stem}.pt" for stem in ("optimizer_groups", "schedulers", "rng") if stem not in blobs]
+        if missing or not (path / shards.SHARDS).is_dir():
+            raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing) or shards.SHARDS + '/'} missing; "
+                               "resume from an earlier checkpoint (resume=<run>/checkpoints/step-...)")
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process.*")
+            try:
+                shards.load_shards(path, self.params, self.optimizers, self._networks_by_role(),
+                                   blobs["optimizer_groups"])
+            except (CheckpointException, Exception) as exc:   # any unreadable shard means the same to the user
+                raise ckpt.damaged(path, f"its shards do not load: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+
+    def _restore_full(self, path: Path, tensors: dict[str, Any], blobs: dict[str, Any]) -> None:
         for role in self.roles:
             if f"trainable-{role}" not in tensors:
                 raise FewstepError(f"checkpoint {path} is incomplete: trainable-{role}.safetensors is missing; resume "
@@ -281,19 +381,20 @@ class Trainer:
             raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing; resume from an earlier "
                                "checkpoint (resume=<run>/checkpoints/step-...)")
         for role in self.roles:
-            opt, sched = self.optimizers[role], self.schedulers[role]
-            wanted = [g["initial_lr"] for g in opt.param_groups]     # this run's lr (the schedule set initial_lr)
-            opt.load_state_dict(blobs["optimizers"][role])
-            sched.load_state_dict(blobs["schedulers"][role])
-            apply_lr(opt, sched, wanted)
-        torch.set_rng_state(blobs["rng"]["torch"])
-        if self.ema is not None and "ema" in blobs:
-            self.ema.load_state_dict(blobs["ema"])
-        self.step = int(meta["step"])
-        self._window = {k: (float(total), int(count)) for k, (total, count) in meta.get("log_window", {}).items()}
-        if self.acc.is_main_process:   # rows logged after this checkpoint are logged again from here on
-            for name in ("metrics.jsonl", "eval.jsonl"):
-                truncate_log(self.out / name, self.step)
+            self.optimizers[role].load_state_dict(blobs["optimizers"][role])
+
+
+def check_shardable(cfg: Any, recipe: Recipe, networks: list[nn.Module]) -> None:
+    """What a run whose parameters FSDP2 shards cannot do yet, refused in one line before it trains."""
+    if cfg.train.ema_decay > 0:
+        raise FewstepError("train.ema_decay does not work with FSDP2 yet (the EMA would copy sharded weights); set "
+                           "train.ema_decay=0 or launch with recipes/accelerate/ddp.yaml")
+    if cfg.train.eval_every:
+        raise FewstepError("train.eval_every does not work with FSDP2 yet; set train.eval_every=0 and run fewstep eval "
+                           "on the export")
+    if all(recipe.export_net() is not n for n in networks):
+        raise FewstepError(f"{type(recipe).__name__} exports a network FSDP2 did not shard as one piece; launch it "
+                           "with recipes/accelerate/ddp.yaml")
 
 
 def apply_lr(optimizer: Any, scheduler: Any, initial: list[float]) -> None:
