@@ -9,9 +9,10 @@ mode x engine (one process, or DDP on 2 processes with half the batch each), plu
 Each row is a short `fewstep distill` run of its preset (`recipe=<r> model=toy-digits`, the global batch of the
 preset); s/iter is the mean over the iterations after the warm-up (DMD2-style recipes alternate critic-only and
 student iterations, so the mean includes both in their ratio); peak memory is the main process's resident set
-(the CUDA allocator's high-water mark on a GPU: `cuda_peak_gb` in metrics.jsonl). FSDP2 is not in the table:
-accelerate builds FSDP2 only on GPUs (the CPU tests force it through tests/fsdp2_cpu_train.py, which is not a
-configuration to time).
+(the CUDA allocator's high-water mark on a GPU: `cuda_peak_gb` in metrics.jsonl). FSDP2 rows run accelerate's
+FSDP2 forced onto CPU processes by tests/fsdp2_cpu_train.py (accelerate builds FSDP2 only on GPUs). The toy's
+networks are a few MB, so the peak memory is mostly the process itself and a sharding saving cannot show; the FSDP2
+rows measure the cost of the per-block gathers over gloo, not what FSDP2 saves on a GPU.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from fewstep.config import load_config  # noqa: E402
 from fewstep.metrics.toy_report import write_section  # noqa: E402
 
+NO_GAN = ["method.gan_generator_weight=0", "method.gan_critic_weight=0"]   # FSDP2 does not take DMD2's GAN head
 ROWS = [  # recipe, student mode, critic mode, switches (extra overrides)
     ("lcm", "lora", "-", []),
     ("lcm", "full", "-", []),
@@ -43,8 +45,13 @@ ROWS = [  # recipe, student mode, critic mode, switches (extra overrides)
     ("tdm", "full", "full", []),
     ("tdm", "lora", "lora", []),
     ("phased_dmd", "full", "full", []),
+    ("dmd2", "full", "full", NO_GAN),
+    ("dmd2", "lora", "lora", NO_GAN),
 ]
 ENGINES = ("single", "ddp")
+FSDP2_ROWS = {0, len(ROWS) - 2, len(ROWS) - 1}   # the rows FSDP2 runs (no EMA target network, no GAN head)
+LABELS = {"single": "1 process, 2 threads", "ddp": "DDP, 2 processes x 1 thread",
+          "fsdp2": "FSDP2, 2 processes x 1 thread"}
 
 
 def overrides(recipe: str, student: str, critic: str, extra: list[str]) -> list[str]:
@@ -61,9 +68,12 @@ def measure(argv: list[str], engine: str, steps: int, warmup: int, out: Path) ->
         cmd = [sys.executable, str(ROOT / "scripts" / "distill.py"), *common, f"data.batch_size={batch}"]
         env["OMP_NUM_THREADS"] = "2"
     else:   # 2 CPU processes (gloo), one thread each, half the batch each: the same global batch
+        # FSDP2: accelerate's FSDP2 path, which it builds only on GPUs, forced on CPU processes by the test harness
+        script = ["tests/fsdp2_cpu_train.py", "unused", "--engine", "fsdp2-run"] if engine == "fsdp2" else \
+            ["scripts/distill.py"]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               str(ROOT / "scripts" / "distill.py"), *common, f"data.batch_size={batch // 2}"]
+               str(ROOT / script[0]), *script[1:], *common, f"data.batch_size={batch // 2}"]
         env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
@@ -88,11 +98,11 @@ def main() -> None:
     tic = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for n, (recipe, student, critic, extra) in enumerate(ROWS):
-            for engine in ENGINES:
+            for engine in (*ENGINES, "fsdp2") if n in FSDP2_ROWS else ENGINES:
                 argv = overrides(recipe, student, critic, extra)
                 m = measure(argv, engine, args.steps, args.warmup, Path(tmp) / f"{n}-{engine}")
                 switch = ", ".join(extra) or "-"
-                label = "1 process, 2 threads" if engine == "single" else "DDP, 2 processes x 1 thread"
+                label = LABELS[engine]
                 lines.append(f"| {recipe} | {student} | {critic} | {switch} | {label} | {m['batch']} | "
                              f"{m['sec']:.3f} | {m['peak_mb']:.0f} |")
                 print(lines[-1], flush=True)
