@@ -91,5 +91,5 @@ def unsharded(net: nn.Module, skeleton: nn.Module, is_main: bool) -> nn.Module |
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
-    skeleton.load_state_dict(full, assign=True)
-    return skeleton.to(next(iter(full.values())).device if full else "cpu")
+    skeleton.load_state_dict(full, assign=True)   # the gathered tensors are on the CPU (cpu_offload)
+    return skeleton

@@ -70,6 +70,11 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _one(indices: set[int]) -> int | None:
+    """The single element of `indices`, or None."""
+    return next(iter(indices)) if len(indices) == 1 else None
+
+
 def _engine(accelerator: Any) -> str:
     """"FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO", ... (accelerate's distributed type)."""
     return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
@@ -129,6 +134,8 @@ class RoleOptimizers:
         if loose:   # a recipe bug: these would train without being synchronised across processes
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
+        # each role's one network (its index), or None where a role spans several (DMD2's critic with the GAN head)
+        self.home = {r: _one({where[id(p)][0] for p in named.values()}) for r, named in self.params.items()}
         # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
         self.skeletons = [meta_copy(net) for net in self.networks] if _engine(accelerator) == "FSDP" else []
         self.prepared = self._prepare(accelerator, where)
@@ -144,15 +151,13 @@ class RoleOptimizers:
         names = list(self.params)
         groups: list[tuple[list[int], list[str]]] = [(list(range(len(self.networks))), names)]
         if _engine(accelerator) == "FSDP":
-            home = {}
             for role in names:
-                nets = {where[id(p)][0] for p in self.params[role].values()}
-                if len(nets) > 1:
+                if self.home[role] is None:
+                    nets = sorted({where[id(p)][0] for p in self.params[role].values()})
                     raise FewstepError(f"under FSDP2 each role must train one network, and {role} trains "
-                                       f"{len(nets)} ({', '.join(type(self.networks[i]).__name__ for i in sorted(nets))}); "
+                                       f"{len(nets)} ({', '.join(type(self.networks[i]).__name__ for i in nets)}); "
                                        "for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0")
-                home[role] = nets.pop()
-            groups = [([i], [r for r in names if home[r] == i]) for i in range(len(self.networks))]
+            groups = [([i], [r for r in names if self.home[r] == i]) for i in range(len(self.networks))]
         prepared = list(self.networks)
         for nets, roles in groups:
             out = accelerator.prepare(*(self.networks[j] for j in nets), *(self.optimizers[r] for r in roles),
@@ -178,12 +183,10 @@ class RoleOptimizers:
 
     def network_of(self, role: str) -> nn.Module:
         """The one network holding `role`'s parameters (what sharded checkpoints name them by)."""
-        ids = {id(p) for p in self.params[role].values()}
-        nets = [net for net in self.networks if any(id(p) in ids for p in net.parameters())]
-        if len(nets) != 1:
-            raise FewstepError(f"role {role!r} trains {len(nets)} networks; sharded checkpoints need one per role "
+        if self.home[role] is None:
+            raise FewstepError(f"role {role!r} trains several networks; sharded checkpoints need one per role "
                                "(for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0)")
-        return nets[0]
+        return self.networks[self.home[role]]
 
     def reshard(self) -> None:
         """Put FSDP2 networks back into their sharded parameters. FSDP2 leaves the root module's parameters
@@ -199,11 +202,10 @@ class RoleOptimizers:
     def export_network(self, net: nn.Module) -> nn.Module | None:
         """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
         sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
-        if not self.sharded or all(net is not n for n in self.networks):
+        if not self.sharded or net not in self.networks:   # modules compare by identity
             return net
-        i = next(i for i, n in enumerate(self.networks) if n is net)
         self.reshard()
-        return unsharded(net, self.skeletons[i], self.acc.is_main_process)
+        return unsharded(net, self.skeletons[self.networks.index(net)], self.acc.is_main_process)
 
     @property
     def sharded(self) -> bool:

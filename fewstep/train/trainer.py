@@ -204,8 +204,9 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         """The preview grid at this step, captioned with the recipe, step and sampling settings, e.g.
         "lcm · step 250/1000 · 4 steps (t=0.999,0.760,0.499,0.259) · guidance 1.0" (times in [0, 1])."""
-        if self.sharded:     # every process runs the sharded network's forwards; the main one saves the grid
-            images = self.preview_images()
+        # sharded: every process runs the network's forwards (they gather its blocks); the main one saves the grid
+        images = self.preview_images() if self.sharded or self.acc.is_main_process else None
+        if self.sharded:
             self.optim.reshard()
         if not self.acc.is_main_process:
             return None
@@ -214,7 +215,7 @@ class Trainer:
         times = [float(t) for t in spec.times[:-1]]   # the grid ends at 0, which is not a step
         caption = (f"{self.cfg.recipe} · step {self.step}/{self.cfg.train.steps} · {len(times)} steps "
                    f"(t={','.join(f'{t:.3f}' for t in times)}) · guidance {spec.guidance_scale:g}")
-        save_grid(images if self.sharded else self.preview_images(), path, caption=caption)
+        save_grid(images, path, caption=caption)
         return path
 
     @torch.no_grad()
@@ -287,11 +288,8 @@ class Trainer:
             if kind == "error":
                 raise FewstepError(text)
             return None
-        started = False
 
         def write_shards(tmp: Path) -> None:
-            nonlocal started
-            started = True
             broadcast_object_list([("dir", str(tmp))])
             shards.save_shards(tmp, tensors)
 
@@ -301,7 +299,7 @@ class Trainer:
         except FewstepError as exc:
             broadcast_object_list([("error", str(exc))])
             raise
-        broadcast_object_list([("ok", str(saved))] if started else [("error", "checkpoint not started")])
+        broadcast_object_list([("ok", str(saved))])
         return saved
 
     def export_net(self) -> nn.Module | None:
@@ -392,7 +390,7 @@ def check_shardable(cfg: Any, recipe: Recipe, networks: list[nn.Module]) -> None
     if cfg.train.eval_every:
         raise FewstepError("train.eval_every does not work with FSDP2 yet; set train.eval_every=0 and run fewstep eval "
                            "on the export")
-    if all(recipe.export_net() is not n for n in networks):
+    if recipe.export_net() not in networks:   # modules compare by identity
         raise FewstepError(f"{type(recipe).__name__} exports a network FSDP2 did not shard as one piece; launch it "
                            "with recipes/accelerate/ddp.yaml")
 
