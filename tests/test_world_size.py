@@ -185,8 +185,9 @@ def test_fsdp2_runs_save_shards_export_full_weights_and_resume_anywhere(teacher_
     def close_to_reference(out: Path) -> None:
         got = _lora_export(out)
         assert got.keys() == reference.keys()
-        for k in reference:   # measured: max |difference| 6e-8 (FSDP2 run), 1.2e-7 (resumed on 1 process)
-            torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=2e-5, msg=k)
+        for k in reference:   # measured: max |difference| 6e-8 (FSDP2 run and resumed), against LoRA up-weights
+            #                 of at most 1.2e-4 after 4 steps, so the bound is absolute and well below them
+            torch.testing.assert_close(got[k], reference[k], rtol=1e-3, atol=1e-6, msg=k)
 
     close_to_reference(two)
     for name, launch in (("on-one", single), ("on-two", fsdp2)):
