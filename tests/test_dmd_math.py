@@ -285,3 +285,23 @@ def test_subinterval_target_regresses_to_the_marginal_denoiser(kind, space):
     naive_slope, _, naive_se = _affine_fit(x_t.double().flatten(), naive_subinterval_target(x_t, x_s, t, sched, space)
                                            .double().flatten())
     assert abs(naive_slope - ref_slope) > 20 * naive_se + 0.02, (naive_slope, ref_slope)
+
+
+def test_through_passes_the_gradient_to_the_input_and_none_into_the_function():
+    """The generator's GAN term: d fn(x) / dx reaches x exactly, fn's parameters get no gradient, and the value is
+    fn(x)."""
+    from fewstep.recipes.losses import through
+
+    torch.manual_seed(0)
+    disc = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    w = torch.randn(5, 3, requires_grad=True)
+    x = w * 2.0
+    value = through(lambda v: disc(v).square().mean(), x)
+    value.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    w2 = w.detach().clone().requires_grad_(True)
+    direct = disc(w2 * 2.0).square().mean()
+    direct.backward()
+    torch.testing.assert_close(value.detach(), direct.detach())
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert w.grad.abs().max() > 0

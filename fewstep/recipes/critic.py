@@ -3,9 +3,6 @@ by default a LoRA adapter on the frozen teacher base (one copy of the weights), 
 head that reads the critic's bottleneck features through a forward hook (DMD2, Yin et al. 2024, §4.3)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -84,17 +81,4 @@ def make_head(tap: FeatureTap, width: int, device: torch.device) -> GanHead:
     return head.to(device)
 
 
-@contextmanager
-def frozen(params: list[nn.Parameter]) -> Iterator[None]:
-    """Parameters that must pass gradients through but not receive them (the critic in the generator's GAN term)."""
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, r in zip(params, saved):
-            p.requires_grad_(r)
-
-
-__all__ = ["build_critic", "FeatureTap", "GanHead", "make_head", "frozen", "feature_module", "live_adapter"]
+__all__ = ["build_critic", "FeatureTap", "GanHead", "make_head", "feature_module", "live_adapter"]

@@ -22,7 +22,7 @@ from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
 from fewstep.recipes.build import build_student_and_critic, dmd_student_times, inference_spec
-from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, frozen, make_head
+from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, make_head
 from fewstep.sampling.draws import Draws, Generators, randint, randn
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import renoise_step
@@ -132,8 +132,7 @@ class DMD2(Recipe):
             loss = loss + self.cfg.regression_weight * reg
             metrics["loss/regression"] = float(reg.detach())
         if self.gan is not None and self.cfg.gan_generator_weight > 0:
-            with frozen(list(self._params["critic"].values())):        # gradient through, not into, the critic
-                adv = L.gan_generator_loss(self._critic_logits(x_gen, batch.cond, generator))
+            adv = L.through(lambda x: L.gan_generator_loss(self._critic_logits(x, batch.cond, generator)), x_gen)
             loss = loss + self.cfg.gan_generator_weight * adv
             metrics["loss/gan_generator"] = float(adv.detach())
         return loss, metrics

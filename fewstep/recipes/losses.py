@@ -1,6 +1,8 @@
 """Loss functions shared by recipes: small, pure, cited."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -129,9 +131,22 @@ def regression_loss(pred: Tensor, target: Tensor, kind: str = "l2", huber_c: flo
 
 
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating generator loss mean softplus(-D(x_gen)) (Goodfellow et al. 2014; DMD2 §3.4). The caller freezes
-    the discriminator's parameters; the gradient passes through it to x_gen."""
+    """Non-saturating generator loss mean softplus(-D(x_gen)) (Goodfellow et al. 2014; DMD2 §3.4). The caller passes
+    the gradient through the discriminator to x_gen, not into it (`through`)."""
     return F.softplus(-logits_fake.float()).mean()
+
+
+def through(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """fn(x) with its gradient reaching x and none of fn's parameters (the discriminator in the generator's GAN
+    term): a surrogate whose value is fn(x) and whose gradient in x is d fn / dx, taken at once by
+    `torch.autograd.grad`, which accumulates into no parameter under any engine (freezing the parameters instead
+    does not reach the gathered copies FSDP2 computes with)."""
+    probe = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = fn(probe)
+    (grad,) = torch.autograd.grad(value, probe)
+    link = (x * grad.to(x.dtype)).sum()
+    return value.detach() + link - link.detach()
 
 
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
