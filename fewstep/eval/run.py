@@ -58,6 +58,13 @@ class LocalAccelerator:
         pass
 
 
+def sharded(net: nn.Module) -> bool:
+    """Whether an engine sharded `net`'s parameters (FSDP2 DTensors), so its forwards are collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in net.parameters())
+
+
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
     """The image indices process `rank` of `world` generates: rank, rank + world, ... below n."""
     if world < 1 or not 0 <= rank < world:
@@ -123,15 +130,24 @@ def nfe(teacher: Teacher, net: nn.Module, steps: int, guidance: float) -> int:
 
 
 def generate_into(teacher: Teacher, denoiser: nn.Module, net: nn.Module, spec: InferenceSpec, prompts: list[str],
-                  seed: int, indices: Sequence[int], batch_size: int, sinks: Sequence[Any], bar: Any) -> float:
-    """Generate images `indices` in batches into `sinks`; returns the seconds spent generating and decoding."""
+                  seed: int, indices: Sequence[int], batch_size: int, sinks: Sequence[Any], bar: Any,
+                  rounds: int = 0) -> float:
+    """Generate images `indices` in batches into `sinks`; returns the seconds spent generating and decoding.
+    With `rounds`, this process runs exactly that many batches (after the warm-up image), repeating image 0 in
+    batches it has no images for and dropping them: the forwards of a network FSDP2 shards are collective, so
+    every process must run the same number."""
     times = torch.tensor(spec.times, dtype=torch.float64)
     cuda = next(net.parameters()).device.type == "cuda"
-    if len(indices):  # one untimed image first, so lazy initialisation is not timed
-        generate_latents(teacher, denoiser, net, [prompts[indices[0]]], [seed], times, spec.step, spec.guidance_scale)
+    if len(indices) or rounds:  # one untimed image first, so lazy initialisation is not timed
+        first = prompts[indices[0] if len(indices) else 0]
+        generate_latents(teacher, denoiser, net, [first], [seed], times, spec.step, spec.guidance_scale)
     seconds = 0.0
-    for start in range(0, len(indices), batch_size):
+    starts = range(0, max(len(indices), rounds * batch_size), batch_size)
+    for start in starts:
         chunk = list(indices[start:start + batch_size])
+        if not chunk:   # a batch only the other processes have images for
+            generate_latents(teacher, denoiser, net, [prompts[0]], [seed], times, spec.step, spec.guidance_scale)
+            continue
         p = [prompts[i] for i in chunk]
         tic = perf_counter()
         lat = generate_latents(teacher, denoiser, net, p, [seed + i for i in chunk], times, spec.step,
@@ -166,7 +182,10 @@ class Context:
         return tqdm(total=n, desc=desc, leave=False, disable=not (self.opts.progress and self.acc.is_main_process))
 
     def shard(self, n: int) -> list[int]:
-        return shard_indices(n, self.acc.process_index, self.acc.num_processes)
+        return self.shard_of(n, self.acc.process_index)
+
+    def shard_of(self, n: int, rank: int) -> list[int]:
+        return shard_indices(n, rank, self.acc.num_processes)
 
 
 def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: Path | None) -> EvalRow:
@@ -208,9 +227,11 @@ def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: P
     idx = ctx.shard(n)
     t = target.teacher
     denoiser, net = target.sampler()
+    bs = ctx.opts.batch_size
+    rounds = -(-len(ctx.shard_of(n, 0)) // bs) if sharded(net) else 0   # process 0 has the most images
     with ctx.bar(len(idx), target.label) as bar:
-        seconds = generate_into(t, denoiser, net, target.spec, ctx.prompts, ctx.seed, idx, ctx.opts.batch_size,
-                                [*sinks, *([writer] if writer else []), grid], bar)
+        seconds = generate_into(t, denoiser, net, target.spec, ctx.prompts, ctx.seed, idx, bs,
+                                [*sinks, *([writer] if writer else []), grid], bar, rounds)
     metrics: dict[str, float] = {}
     for sink in sinks:
         metrics.update(sink.finalize(ctx.acc))
