@@ -5,7 +5,8 @@ accelerate enables FSDP only on GPU-like devices and builds DDP on CPU processes
 run's Accelerator FSDP2 (full shard, each diffusers block its own unit from `_no_split_modules`) before anything is
 prepared; from there on it is accelerate's own FSDP2 path: `fully_shard` in `prepare`, DTensor parameters, sharded
 Adam states and accelerate's clipping. `--engine single` is the 1-process reference. `--engine fsdp2-run` runs the
-whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerator; OUT is then unused.
+whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerator; OUT is then unused. An engine
+name ending in `-ac` also turns on FSDP's own activation checkpointing (`fsdp_activation_checkpointing: true`).
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
 import json
 import sys
@@ -17,14 +18,15 @@ from fewstep.config import load_config
 from fewstep.distill import build_run, make_accelerator
 
 
-def fsdp2_accelerator(cfg):
+def fsdp2_accelerator(cfg, activation_checkpointing: bool = False):
     """The run's Accelerator, made FSDP2 (full shard, diffusers blocks as units) on CPU processes."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     acc = make_accelerator(cfg)
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                                           auto_wrap_policy="transformer_based_wrap")
+                                                           auto_wrap_policy="transformer_based_wrap",
+                                                           activation_checkpointing=activation_checkpointing)
     acc.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP   # or a later state re-read undoes it
     return acc
@@ -36,19 +38,23 @@ def main(out: Path, engine: str, argv: list[str]) -> None:
 
     from fewstep.train.trainer import Trainer
 
+    checkpointing = engine.endswith("-ac")
+    engine = engine.removesuffix("-ac")
     if engine == "fsdp2-run":
         import fewstep.distill
 
-        fewstep.distill.make_accelerator = fsdp2_accelerator
+        fewstep.distill.make_accelerator = lambda cfg: fsdp2_accelerator(cfg, checkpointing)
         fewstep.distill.run(argv)
         return
     cfg = load_config(argv)
-    acc = fsdp2_accelerator(cfg) if engine == "fsdp2" else make_accelerator(cfg)
+    acc = fsdp2_accelerator(cfg, checkpointing) if engine == "fsdp2" else make_accelerator(cfg)
     set_seed(cfg.train.seed)
     teacher, recipe, dataset = build_run(cfg, acc.device)
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)
     sharded = [p for named in trainer.params.values() for p in named.values() if isinstance(p, DTensor)]
     assert (engine == "fsdp2") == bool(sharded), "FSDP2 must have sharded the trained parameters"
+    wrapped = [n for net in trainer.optim.networks for n, _ in net.named_modules() if "_checkpoint_wrapped" in n]
+    assert checkpointing == bool(wrapped), "FSDP activation checkpointing must have wrapped the blocks iff asked"
     rows = []
     for _ in range(cfg.train.steps):
         rows.append({"step": trainer.step + 1, **trainer.train_iteration()})

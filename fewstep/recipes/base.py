@@ -85,6 +85,11 @@ class Recipe(ABC):
     def after_optimizer_step(self, step: int) -> None:
         """Hook for target networks (EMA) that follow the student."""
 
+    def followers(self) -> list[nn.Module]:
+        """Networks that are not trained but follow trained ones (LCM's EMA target), which a sharding engine must
+        shard like them; their tensors are in `extra_state`."""
+        return []
+
     def extra_state(self) -> dict[str, Tensor]:
         """Tensors beyond trainables and optimizers that a checkpoint must hold (e.g. a target network)."""
         return {}

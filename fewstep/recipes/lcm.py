@@ -78,6 +78,9 @@ class LCM(Recipe):
             ema_update(list(self.target_net.parameters()), list(self.student_net.parameters()),
                        self.cfg.target_ema_decay)
 
+    def followers(self) -> list[nn.Module]:
+        return [] if self.target_net is None else [self.target_net]
+
     def extra_state(self) -> dict[str, Tensor]:
         if self.target_net is None:
             return {}

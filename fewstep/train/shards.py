@@ -5,9 +5,9 @@ This is torch.distributed.checkpoint (DCP) with its Hugging Face storage: each p
 file holding its pieces, with their offsets in the global tensors in the file's header, and DCP's load planner
 reads whichever slices the reading process needs (resharding onto another number of processes, or the full tensor
 into a process that does not shard). Nothing on the read side unpickles: the files are safetensors, and DCP's own
-pickled `.metadata` file is not used. Optimizer states come from torch's `get_optimizer_state_dict` (flattened, keyed
-by parameter name, so they do not depend on the sharding); their non-tensor part (the param groups' settings) goes
-into the checkpoint's `optimizer_groups.pt`, read with `torch.load(weights_only=True)`.
+pickled `.metadata` file is not used. Every tensor is named by its role and the recipe's parameter name, not by
+the module that holds it, so the files do not depend on how the engine wrapped or grouped the networks; the param
+groups' settings go into the checkpoint's `optimizer_groups.pt`, read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -20,31 +20,37 @@ from torch import Tensor, nn
 SHARDS = "shards"   # the sub-folder of a checkpoint holding the per-process safetensors files
 
 
-def _flat_options() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=True)
-
-
 def _optimizer(opt: Any) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)   # inside accelerate's AcceleratedOptimizer
 
 
-def role_state(params: dict[str, dict[str, nn.Parameter]], optimizers: dict[str, Any],
-               networks: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
-    """(tensors DCP writes and reads in place, the optimizers' non-tensor settings by role): the trained
-    parameters as `trainable.<role>.<name>` and the optimizer states as `optim.<role>.state.<name>.<key>`, where
-    `networks[role]` is the network holding the role's parameters (the names are its parameter names). Building
-    it initialises optimizer states that do not exist yet (torch steps once with zero gradients and lr 0)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def _initialised(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`opt` with a state for every parameter (torch's DCP helper: one step with zero gradients at lr 0), so a
+    checkpoint written before a role first stepped, and the tensors a checkpoint loads into, exist."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
 
+    _init_optim_state(opt)
+    return opt
+
+
+def run_state(params: dict[str, dict[str, nn.Parameter]], optimizers: dict[str, Any],
+              extra: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, list[dict[str, Any]]]]:
+    """(tensors DCP writes and reads in place, the optimizers' param-group settings by role). Every key is a
+    name that does not depend on how the networks are wrapped or sharded: `trainable.<role>.<name>` for the
+    parameters, `optim.<role>.<name>.<state>` for their optimizer states (Adam's moments and step), and
+    `<group>.<key>` for the other tensors in `extra` (a target network, the EMA's shadow weights); the settings
+    list each param group's hyper-parameters with its parameters' names in order."""
     tensors: dict[str, Tensor] = {}
-    settings: dict[str, dict[str, Any]] = {}
+    settings: dict[str, list[dict[str, Any]]] = {}
     for role, named in params.items():
+        opt = _initialised(_optimizer(optimizers[role]))
+        name = {id(p): k for k, p in named.items()}
         tensors.update({f"trainable.{role}.{k}": p.detach() for k, p in named.items()})
-        flat = get_optimizer_state_dict(networks[role], _optimizer(optimizers[role]), options=_flat_options())
-        settings[role] = {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
-        tensors.update({f"optim.{role}.{k}": v for k, v in flat.items() if isinstance(v, Tensor)})
+        tensors.update({f"optim.{role}.{k}.{key}": v for k, p in named.items() for key, v in opt.state[p].items()})
+        settings[role] = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name[id(p)] for p in g["params"]]}
+                          for g in opt.param_groups]
+    for group, state in extra.items():
+        tensors.update({f"{group}.{k}": v for k, v in state.items()})
     return tensors, settings
 
 
@@ -57,19 +63,24 @@ def save_shards(folder: Path, tensors: dict[str, Tensor]) -> None:
 
 
 def load_shards(folder: Path, params: dict[str, dict[str, nn.Parameter]], optimizers: dict[str, Any],
-                networks: dict[str, nn.Module], settings: dict[str, dict[str, Any]]) -> None:
-    """Read folder/shards into this run's parameters and optimizer states in place (whatever their sharding),
-    then give each optimizer its saved param-group settings (`settings`, from optimizer_groups.pt)."""
+                extra: dict[str, dict[str, Tensor]], settings: dict[str, list[dict[str, Any]]]) -> None:
+    """Read folder/shards into this run's parameters, optimizer states and `extra` tensors in place (whatever
+    their sharding), then give each optimizer its saved param-group settings (`settings`, from
+    optimizer_groups.pt)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    tensors, _ = role_state(params, optimizers, networks)
+    if not all(isinstance(groups, list) for groups in settings.values()):
+        raise ValueError("it was written in the sharded format of fewstep before 2026-12-03 (tensors named by "
+                         "module); resume it with that version")
+    tensors, mine = run_state(params, optimizers, extra)
+    for role, groups in mine.items():
+        if [g["params"] for g in groups] != [g["params"] for g in settings.get(role, [])]:
+            raise ValueError(f"the {role}'s optimizer holds other parameters than the checkpoint's")
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
-    for role in params:
-        prefix = f"optim.{role}."
-        flat = {**settings[role], **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
-        set_optimizer_state_dict(networks[role], _optimizer(optimizers[role]), flat, options=_flat_options())
+    for role, groups in settings.items():
+        for group, saved in zip(_optimizer(optimizers[role]).param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def meta_copy(net: nn.Module) -> nn.Module:

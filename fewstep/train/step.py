@@ -70,9 +70,62 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _one(indices: set[int]) -> int | None:
-    """The single element of `indices`, or None."""
-    return next(iter(indices)) if len(indices) == 1 else None
+def linked(n: int, spans: list[set[int]]) -> list[list[int]]:
+    """Networks 0..n-1 grouped so that each span (the networks one role trains) lies in one group: the
+    connected components, each sorted, in order of their first network."""
+    group = list(range(n))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for span in spans:
+        first, *rest = sorted(span)
+        for j in rest:
+            group[root(j)] = root(first)
+    found: dict[int, list[int]] = {}
+    for i in range(n):
+        found.setdefault(root(i), []).append(i)
+    return list(found.values())
+
+
+class Joint(nn.Module):
+    """Networks that one role trains together (DMD2's critic and its GAN head) as the one model accelerate's FSDP2
+    `prepare` takes per call. Each member's class is among the blocks FSDP2 wraps, so every member is an FSDP unit
+    of its own and gathers its weights when the recipe calls it directly, as it does without sharding."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        blocks = [b for m in members for b in (getattr(m, "_no_split_modules", None) or [])]
+        self._no_split_modules = list(dict.fromkeys([*blocks, *(type(m).__name__ for m in members)]))
+
+
+def keep_root_gathered(net: nn.Module) -> None:
+    """Keep the weights of FSDP2 network `net`'s root unit (those outside its blocks: embeddings, the first and
+    last layers) gathered from its forward to its backward, which is torch's default for a root and which an
+    explicit `reshard_after_forward: true` in the launch config undoes. A recipe may back-propagate through a
+    forward whose output it does not use (DMD2's GAN head reads the critic's bottleneck features): no hook then
+    gathers the root's weights again for the backward pass, and it would read freed memory."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(net, FSDPModule):
+        net.set_reshard_after_forward(False, recurse=False)
+
+
+def _with_block_names(accelerator: Any, model: nn.Module) -> nn.Module:
+    """`model`, with accelerate's FSDP2 plugin told which of its block classes to wrap: the plugin keeps the
+    first model's `_no_split_modules` for every later `prepare` and fails on a model without those classes (a
+    GAN head after a UNet). The names a launch config gives are kept where this model has them."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    plugin = accelerator.state.fsdp_plugin
+    if not hasattr(plugin, "_fewstep_names"):   # what the launch config said, before any prepare filled it in
+        plugin._fewstep_names = plugin.transformer_cls_names_to_wrap
+    names = plugin._fewstep_names or getattr(model, "_no_split_modules", None) or []
+    plugin.transformer_cls_names_to_wrap = [b for b in names if get_module_class_from_name(model, b) is not None]
+    return model
 
 
 def _engine(accelerator: Any) -> str:
@@ -126,48 +179,54 @@ class RoleOptimizers:
                                                   num_warmup_steps=train.warmup_steps, num_training_steps=train.steps)
         self.networks = trained_networks(list(roles.values()))
         check_engine(accelerator, self.networks, self.params)
-        if _engine(accelerator) == "FSDP" and recipe.extra_state():
-            raise FewstepError(f"{type(recipe).__name__} keeps a target network beside the student (EMA), which FSDP2 "
-                               "does not shard yet; use student.mode=lora, or recipes/accelerate/ddp.yaml")
+        sharding = _engine(accelerator) == "FSDP"
+        self.followers = recipe.followers() if sharding else []   # unsharded copies need no engine
         where = {id(p): (i, name) for i, net in enumerate(self.networks) for name, p in net.named_parameters()}
         loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in where]
         if loose:   # a recipe bug: these would train without being synchronised across processes
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
-        # each role's one network (its index), or None where a role spans several (DMD2's critic with the GAN head)
-        self.home = {r: _one({where[id(p)][0] for p in named.values()}) for r, named in self.params.items()}
         # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
-        self.skeletons = [meta_copy(net) for net in self.networks] if _engine(accelerator) == "FSDP" else []
-        self.prepared = self._prepare(accelerator, where)
+        self.skeletons = [meta_copy(net) for net in self.networks + self.followers] if sharding else []
+        self.prepared = self._prepare(accelerator, where) if not sharding else self._prepare_sharded(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
                 route(net, wrapped)
         self._follow_resharded_parameters(where)
 
     def _prepare(self, accelerator: Any, where: dict[int, tuple[int, str]]) -> list[nn.Module]:
-        """`accelerator.prepare` the networks with the optimizers and schedules of their roles; the prepared
-        networks, in order. One call for DDP; under FSDP2, which accelerate prepares one network at a time, one call
-        per network with the roles it holds (a role spread over two networks is refused)."""
-        names = list(self.params)
-        groups: list[tuple[list[int], list[str]]] = [(list(range(len(self.networks))), names)]
-        if _engine(accelerator) == "FSDP":
-            for role in names:
-                if self.home[role] is None:
-                    nets = sorted({where[id(p)][0] for p in self.params[role].values()})
-                    raise FewstepError(f"under FSDP2 each role must train one network, and {role} trains "
-                                       f"{len(nets)} ({', '.join(type(self.networks[i]).__name__ for i in nets)}); "
-                                       "for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0")
-            groups = [([i], [r for r in names if self.home[r] == i]) for i in range(len(self.networks))]
-        prepared = list(self.networks)
-        for nets, roles in groups:
-            out = accelerator.prepare(*(self.networks[j] for j in nets), *(self.optimizers[r] for r in roles),
+        """DDP (or one process): one `accelerator.prepare` of every network with every role's optimizer and
+        schedule; the prepared networks, in order."""
+        roles, n = list(self.params), len(self.networks)
+        out = accelerator.prepare(*self.networks, *(self.optimizers[r] for r in roles),
+                                  *(self.schedulers[r] for r in roles))
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        self.optimizers.update(zip(roles, out[n:n + len(roles)]))
+        self.schedulers.update(zip(roles, out[n + len(roles):]))
+        return out[:n]
+
+    def _prepare_sharded(self, accelerator: Any, where: dict[int, tuple[int, str]]) -> list[nn.Module]:
+        """FSDP2, whose `prepare` takes one model per call with the optimizers of its parameters: one call per
+        group of networks that roles link (a role training two networks, as DMD2's critic with its GAN head,
+        joins them in a `Joint`), then one call per follower without an optimizer. Every network is sharded in
+        place, so the prepared networks are the networks themselves."""
+        for group in linked(len(self.networks), [{where[id(p)][0] for p in named.values()}
+                                                 for named in self.params.values()]):
+            roles = [r for r, named in self.params.items() if where[id(next(iter(named.values())))][0] in group]
+            if len(group) > 1 and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False):
+                raise FewstepError(f"fsdp_activation_checkpointing cannot wrap {' and '.join(type(self.networks[i]).__name__ for i in group)}, "
+                                   "which one role trains together; set it to false in the accelerate config and "
+                                   "pass student.gradient_checkpointing=true")
+            model = self.networks[group[0]] if len(group) == 1 else Joint([self.networks[i] for i in group])
+            out = accelerator.prepare(_with_block_names(accelerator, model), *(self.optimizers[r] for r in roles),
                                       *(self.schedulers[r] for r in roles))
-            out = list(out) if isinstance(out, (tuple, list)) else [out]
-            for k, j in enumerate(nets):
-                prepared[j] = out[k]
-            self.optimizers.update(zip(roles, out[len(nets):len(nets) + len(roles)]))
-            self.schedulers.update(zip(roles, out[len(nets) + len(roles):]))
-        return prepared
+            self.optimizers.update(zip(roles, out[1:1 + len(roles)]))
+            self.schedulers.update(zip(roles, out[1 + len(roles):]))
+        for net in self.networks:   # see keep_root_gathered
+            keep_root_gathered(net)
+        for net in self.followers:
+            accelerator.prepare(_with_block_names(accelerator, net))
+        return list(self.networks)
 
     def _follow_resharded_parameters(self, where: dict[int, tuple[int, str]]) -> None:
         """FSDP2 replaces a network's parameters by sharded ones in place: point every role's parameter dict (the
@@ -181,20 +240,13 @@ class RoleOptimizers:
                 if current[i][name] is not p:
                     named[key] = current[i][name]
 
-    def network_of(self, role: str) -> nn.Module:
-        """The one network holding `role`'s parameters (what sharded checkpoints name them by)."""
-        if self.home[role] is None:
-            raise FewstepError(f"role {role!r} trains several networks; sharded checkpoints need one per role "
-                               "(for DMD2 set method.gan_generator_weight=0 method.gan_critic_weight=0)")
-        return self.networks[self.home[role]]
-
     def reshard(self) -> None:
         """Put FSDP2 networks back into their sharded parameters. FSDP2 leaves the root module's parameters
         gathered after a forward (a backward usually follows); after a no-grad forward (the preview, a rollout)
         nothing would shard them again, and the optimizers and checkpoints would see other tensors than the module's."""
         from torch.distributed.fsdp import FSDPModule
 
-        for net in self.networks:
+        for net in self.networks + self.followers:
             for unit in net.modules():   # every FSDP unit: a block run on its own stays gathered too
                 if isinstance(unit, FSDPModule):
                     unit.reshard()
@@ -202,10 +254,11 @@ class RoleOptimizers:
     def export_network(self, net: nn.Module) -> nn.Module | None:
         """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
         sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
-        if not self.sharded or net not in self.networks:   # modules compare by identity
+        shardable = self.networks + self.followers
+        if not self.sharded or net not in shardable:   # modules compare by identity
             return net
         self.reshard()
-        return unsharded(net, self.skeletons[self.networks.index(net)], self.acc.is_main_process)
+        return unsharded(net, self.skeletons[shardable.index(net)], self.acc.is_main_process)
 
     @property
     def sharded(self) -> bool:
@@ -287,8 +340,10 @@ def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int]
         for k, v in {**{f"loss/{r}": float(l.detach()) for r, l in out.losses.items()}, **out.metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) / accumulation
     fault_point("step", step)
-    for role in stepped:
-        totals[f"grad_norm/{role}"], moved = optim.step(role)
+    for role in (r for r in optim.params if r in stepped):   # one order on every process: clipping is collective
+        totals[f"grad_norm/{role}"], moved = optim.step(role)   # under FSDP2 (a set's order differs per process)
         totals[f"skipped/{role}"] = float(not moved)   # a non-finite gradient: no step
+    if optim.sharded:   # followers update from the sharded weights (a no-grad forward leaves a root gathered)
+        optim.reshard()
     recipe.after_optimizer_step(step)
     return totals, stepped

@@ -53,7 +53,7 @@ class Trainer:
         self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
         self.sharded = self.optim.sharded
         if self.sharded:
-            check_shardable(cfg, recipe, self.optim.networks)
+            check_shardable(recipe, self.optim.networks + self.optim.followers)
         self.ema = self._ema()
         self.prompts = PromptCache(teacher, limit=4096 if cfg.train.text_embedding_cache else 0)
         self.step = 0
@@ -264,8 +264,13 @@ class Trainer:
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, tensors, blobs, self.meta(),
                                     self.cfg.train.keep_checkpoints)
 
-    def _networks_by_role(self) -> dict[str, nn.Module]:
-        return {r: self.optim.network_of(r) for r in self.roles}
+    def _shard_extra(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors beside the trainables that a sharded checkpoint holds in its shards: the recipe's extra state
+        (LCM's target network) and the EMA's shadow weights, named by the student's parameter names."""
+        extra = {"extra": self.recipe.extra_state()}
+        if self.ema is not None:
+            extra["ema.student"] = dict(zip(self.params["student"], self.ema.shadow_params))
+        return {k: v for k, v in extra.items() if v}
 
     def _save_sharded(self) -> Path | None:
         """Every process writes its shard of the trained parameters and optimizer states (`shards.save_shards`)
@@ -275,10 +280,12 @@ class Trainer:
         from fewstep.train import shards
 
         self.optim.reshard()
-        tensors, settings = shards.role_state(self.params, self.optimizers, self._networks_by_role())
+        tensors, settings = shards.run_state(self.params, self.optimizers, self._shard_extra())
         blobs = {"optimizer_groups": settings,
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
                  "rng": {"torch": torch.get_rng_state()}}
+        if self.ema is not None:   # its shadow weights are in the shards
+            blobs["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
         meta = {**self.meta(), "sharded": True}
         if not self.acc.is_main_process:   # the main process names its staging folder, or the error it met first
             kind, text = broadcast_object_list([None])[0]
@@ -361,8 +368,7 @@ class Trainer:
         with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process.*")
             try:
-                shards.load_shards(path, self.params, self.optimizers, self._networks_by_role(),
-                                   blobs["optimizer_groups"])
+                shards.load_shards(path, self.params, self.optimizers, self._shard_extra(), blobs["optimizer_groups"])
             except (CheckpointException, Exception) as exc:   # any unreadable shard means the same to the user
                 raise ckpt.damaged(path, f"its shards do not load: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
@@ -382,14 +388,8 @@ class Trainer:
             self.optimizers[role].load_state_dict(blobs["optimizers"][role])
 
 
-def check_shardable(cfg: Any, recipe: Recipe, networks: list[nn.Module]) -> None:
+def check_shardable(recipe: Recipe, networks: list[nn.Module]) -> None:
     """What a run whose parameters FSDP2 shards cannot do yet, refused in one line before it trains."""
-    if cfg.train.ema_decay > 0:
-        raise FewstepError("train.ema_decay does not work with FSDP2 yet (the EMA would copy sharded weights); set "
-                           "train.ema_decay=0 or launch with recipes/accelerate/ddp.yaml")
-    if cfg.train.eval_every:
-        raise FewstepError("train.eval_every does not work with FSDP2 yet; set train.eval_every=0 and run fewstep eval "
-                           "on the export")
     if recipe.export_net() not in networks:   # modules compare by identity
         raise FewstepError(f"{type(recipe).__name__} exports a network FSDP2 did not shard as one piece; launch it "
                            "with recipes/accelerate/ddp.yaml")
