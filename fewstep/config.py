@@ -73,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 10       # this many steps in a row with a non-finite loss or gradient stop the run
     text_embedding_cache: bool = True   # keep each distinct prompt's encoding (frozen text encoders) in memory
+    offload_frozen: bool = False        # text encoders and VAE in CPU memory, on the device only while they run
     trackers: list[str] = field(default_factory=list)   # accelerate trackers, e.g. [tensorboard]
     progress: bool = True
 

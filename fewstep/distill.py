@@ -163,6 +163,8 @@ def build_run(cfg: DictConfig, device: Any, stack: ExitStack | None = None) -> t
     from fewstep.recipes import build_recipe
 
     teacher = load_teacher(cfg.teacher.pretrained, cfg.teacher.dtype, device)
+    if cfg.train.offload_frozen:
+        teacher.offload_frozen()
     (stack or ExitStack()).enter_context(set_attention_backend(teacher.net, cfg.attention))
     size = cfg.teacher.resolution or teacher.size
     dataset = make_dataset(cfg.data.source, cfg.data.path, size, cfg.data.center_crop)

@@ -93,7 +93,7 @@ def run_sample(args: Any) -> Path:
             sl = slice(i, i + args.batch_size)
             lat = generate_latents(teacher, denoiser, teacher.net, prompts[sl], seeds[sl], times, spec.step,
                                    spec.guidance_scale)
-            for j, img in enumerate(teacher.family.decode(teacher.pipe, lat).cpu()):
+            for j, img in enumerate(teacher.decode(lat).cpu()):
                 k = i + j
                 to_pil(img, name in GRAYSCALE_TEACHERS).save(tmp / f"{k:05d}.png")
                 rows.append({"file": f"{k:05d}.png", "prompt": prompts[k], "seed": seeds[k],

@@ -259,3 +259,39 @@ def test_unsupported_pipeline_raises() -> None:
 
     with pytest.raises(FewstepError):
         family_for(NotAPipeline())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offloaded_frozen_parts_move_to_the_device_only_while_they_run(offload: bool, monkeypatch):
+    """train.offload_frozen: the text encoders go to the denoiser's device for a prompt encoding and the VAE for an
+    image encoding or a decode, each back in CPU memory right after; the results are the same as without the
+    switch; and without it nothing moves (the CPU run here records the moves instead of seeing device changes)."""
+    from fewstep.models.teacher import Teacher
+
+    teacher = Teacher(pipe=FACTORIES["sd"](), family=FAMILIES["sd"], name="tiny-sd")
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    plain = teacher.encode_prompts(["a cat"]), teacher.encode_images(images), teacher.decode(torch.randn(1, 4, 4, 4))
+    if offload:
+        teacher.offload_frozen()
+    moves: list[tuple[str, str]] = []
+    real_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        moves.append((type(module).__name__, str(args[0] if args else kwargs.get("device"))))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    cond = teacher.encode_prompts(["a cat"])
+    text_moves, moves[:] = list(moves), []
+    torch.manual_seed(0)
+    x0 = teacher.encode_images(images)
+    vae_moves, moves[:] = list(moves), []
+    img = teacher.decode(torch.randn(1, 4, 4, 4))
+    decode_moves = list(moves)
+    if not offload:
+        assert text_moves == vae_moves == decode_moves == []
+    else:
+        assert text_moves == [("CLIPTextModel", "cpu"), ("CLIPTextModel", "cpu")]   # to the net's device, back
+        assert vae_moves == decode_moves == [("AutoencoderKL", "cpu"), ("AutoencoderKL", "cpu")]
+    torch.testing.assert_close(cond["encoder_hidden_states"], plain[0]["encoder_hidden_states"])
+    assert x0.shape == plain[1].shape and img.shape == plain[2].shape

@@ -119,7 +119,7 @@ def engine_side(teacher: Teacher, denoiser: nn.Module, times: list[float], step:
 
     def call() -> Tensor:
         lat = generate_latents(teacher, denoiser, teacher.net, prompts, seeds, grid, step, guidance)
-        return teacher.family.decode(teacher.pipe, lat)
+        return teacher.decode(lat)
 
     return Side("engine", call)
 

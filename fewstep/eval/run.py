@@ -152,7 +152,7 @@ def generate_into(teacher: Teacher, denoiser: nn.Module, net: nn.Module, spec: I
         tic = perf_counter()
         lat = generate_latents(teacher, denoiser, net, p, [seed + i for i in chunk], times, spec.step,
                                spec.guidance_scale)
-        images = teacher.family.decode(teacher.pipe, lat).float()
+        images = teacher.decode(lat).float()
         if cuda:
             torch.cuda.synchronize()
         seconds += perf_counter() - tic

@@ -1,8 +1,9 @@
 """Load a Diffusers teacher (preset, folder or hub id) and wrap it in fewstep's convention."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ class Teacher:
     family: Family
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
+    offload: bool = False   # frozen text encoders and VAE live in CPU memory between uses (see offload_frozen)
     _schedule: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (scheduler, schedule)
 
     @property
@@ -87,14 +89,55 @@ class Teacher:
         s = size or self.size
         return self.family.latent_shape(self.pipe, s, s)
 
+    def offload_frozen(self) -> None:
+        """Keep the pipeline's text encoders and VAE in CPU memory, moved onto the denoiser's device only while
+        they run (`encode_prompts`, `null_cond`, `encode_images`, `decode`): their memory on the accelerator is
+        free for the networks being trained, at the cost of a host-to-device copy per use (the text-embedding
+        cache makes text encoding rare)."""
+        self.offload = True
+        for module in self._frozen_parts("text_encoder", "vae"):
+            module.to("cpu")
+
+    def _frozen_parts(self, *prefixes: str) -> list[nn.Module]:
+        """The pipeline's modules other than the denoiser whose component names start with one of `prefixes`
+        (Diffusers names them text_encoder, text_encoder_2, ..., vae)."""
+        return [m for name, m in self.pipe.components.items()
+                if isinstance(m, nn.Module) and m is not self.net and name.startswith(prefixes)]
+
+    @contextmanager
+    def _on_device(self, *prefixes: str) -> Iterator[None]:
+        """With `offload`, the frozen parts named by `prefixes` on the denoiser's device for the block, then back
+        in CPU memory; without it, nothing moves."""
+        parts = self._frozen_parts(*prefixes) if self.offload else []
+        device = next(self.net.parameters()).device
+        for module in parts:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in parts:
+                module.to("cpu")
+
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        return self.family.encode_prompts(self.pipe, prompts)
+        with self._on_device("text_encoder"):
+            return self.family.encode_prompts(self.pipe, prompts)
 
     def null_cond(self, n: int) -> Cond:
         """The unconditional branch for n rows: every row is the same encoding (of "" or zeros), so it is encoded
         once and copied, instead of tokenising and encoding n empty prompts."""
-        one = self.family.null_cond(self.pipe, 1)
+        with self._on_device("text_encoder"):
+            one = self.family.null_cond(self.pipe, 1)
         return {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in one.items()}
+
+    def encode_images(self, images: Tensor, generator: Any = None) -> Tensor:
+        """Images in [-1, 1] to the denoiser's latents (the family's VAE encoding, scaled and shifted)."""
+        with self._on_device("vae"):
+            return self.family.encode_images(self.pipe, images, generator)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Latents to images in [-1, 1] (the family's VAE decoding)."""
+        with self._on_device("vae"):
+            return self.family.decode(self.pipe, x0)
 
     def teacher_times(self, steps: int, size: int | None = None) -> Tensor:
         s = size or self.size

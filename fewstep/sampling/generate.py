@@ -55,5 +55,5 @@ def generate_images(teacher: Teacher, denoiser: nn.Module, net: nn.Module, promp
     for i in tqdm(chunks, disable=not progress, desc="generating"):
         lat = generate_latents(teacher, denoiser, net, prompts[i:i + batch_size], seeds[i:i + batch_size], times,
                                step, guidance, size)
-        out.append(teacher.family.decode(teacher.pipe, lat).cpu())
+        out.append(teacher.decode(lat).cpu())
     return torch.cat(out)

@@ -95,7 +95,7 @@ class Trainer:
                 x0 = torch.empty(0, device=device)
             else:
                 latents = Draws.keyed(self.cfg.train.seed, step, micro, self.positions(micro), DATA).sample
-                x0 = self.teacher.family.encode_images(self.teacher.pipe, images.to(device), latents).to(device)
+                x0 = self.teacher.encode_images(images.to(device), latents).to(device)
             cond = {k: v.to(device) for k, v in self.prompts(prompts).items()}
             neg = {k: v.to(device) for k, v in self.prompts([""] * len(prompts)).items()}
         return Batch(x0=x0, cond=cond, neg=neg, prompts=prompts)
