@@ -33,21 +33,17 @@ sys.path.insert(0, str(ROOT))
 from fewstep.config import load_config  # noqa: E402
 from fewstep.metrics.toy_report import write_section  # noqa: E402
 
-NO_GAN = ["method.gan_generator_weight=0", "method.gan_critic_weight=0"]   # FSDP2 does not take DMD2's GAN head
-ROWS = [  # recipe, student mode, critic mode, switches (extra overrides), also on FSDP2 (no EMA target network,
-    #        no GAN head)
+ROWS = [  # recipe, student mode, critic mode, switches (extra overrides), also on FSDP2
     ("lcm", "lora", "-", [], True),
-    ("lcm", "full", "-", [], False),
-    ("dmd2", "full", "full", [], False),
-    ("dmd2", "lora", "lora", [], False),
+    ("lcm", "full", "-", [], True),   # with its EMA target network, sharded like the student
+    ("dmd2", "full", "full", [], True),   # with the GAN head (the critic role trains two networks)
+    ("dmd2", "lora", "lora", [], True),
     ("dmd2", "lora", "lora", ["student.gradient_checkpointing=true"], False),
     ("dmd2", "lora", "lora", ["train.text_embedding_cache=false"], False),
     ("dmd2", "lora", "full", [], False),
     ("tdm", "full", "full", [], False),
     ("tdm", "lora", "lora", [], False),
     ("phased_dmd", "full", "full", [], False),
-    ("dmd2", "full", "full", NO_GAN, True),
-    ("dmd2", "lora", "lora", NO_GAN, True),
 ]
 ENGINES = ("single", "ddp")
 LABELS = {"single": "1 process, 2 threads", "ddp": "DDP, 2 processes x 1 thread",
