@@ -6,7 +6,9 @@ run's Accelerator FSDP2 (full shard, each diffusers block its own unit from `_no
 prepared; from there on it is accelerate's own FSDP2 path: `fully_shard` in `prepare`, DTensor parameters, sharded
 Adam states and accelerate's clipping. `--engine single` is the 1-process reference. `--engine fsdp2-run` runs the
 whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerator; OUT is then unused. An engine
-name ending in `-ac` also turns on FSDP's own activation checkpointing (`fsdp_activation_checkpointing: true`).
+name ending in `-ac` also turns on FSDP's own activation checkpointing (`fsdp_activation_checkpointing: true`), one
+ending in `-rl` accelerate's `fsdp_cpu_ram_efficient_loading: true` (the main process's weights are broadcast into
+the others' networks, which start on the meta device), as recipes/accelerate/fsdp2.yaml sets it.
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
 import json
 import sys
@@ -18,7 +20,7 @@ from fewstep.config import load_config
 from fewstep.distill import build_run, make_accelerator
 
 
-def fsdp2_accelerator(cfg, activation_checkpointing: bool = False):
+def fsdp2_accelerator(cfg, activation_checkpointing: bool = False, ram_efficient: bool = False):
     """The run's Accelerator, made FSDP2 (full shard, diffusers blocks as units) on CPU processes."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -26,7 +28,8 @@ def fsdp2_accelerator(cfg, activation_checkpointing: bool = False):
     acc = make_accelerator(cfg)
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                                            auto_wrap_policy="transformer_based_wrap",
-                                                           activation_checkpointing=activation_checkpointing)
+                                                           activation_checkpointing=activation_checkpointing,
+                                                           cpu_ram_efficient_loading=ram_efficient)
     acc.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP   # or a later state re-read undoes it
     return acc
@@ -38,16 +41,16 @@ def main(out: Path, engine: str, argv: list[str]) -> None:
 
     from fewstep.train.trainer import Trainer
 
-    checkpointing = engine.endswith("-ac")
-    engine = engine.removesuffix("-ac")
+    checkpointing, ram_efficient = engine.endswith("-ac"), engine.endswith("-rl")
+    engine = engine.removesuffix("-ac").removesuffix("-rl")
     if engine == "fsdp2-run":
         import fewstep.distill
 
-        fewstep.distill.make_accelerator = lambda cfg: fsdp2_accelerator(cfg, checkpointing)
+        fewstep.distill.make_accelerator = lambda cfg: fsdp2_accelerator(cfg, checkpointing, ram_efficient)
         fewstep.distill.run(argv)
         return
     cfg = load_config(argv)
-    acc = fsdp2_accelerator(cfg, checkpointing) if engine == "fsdp2" else make_accelerator(cfg)
+    acc = fsdp2_accelerator(cfg, checkpointing, ram_efficient) if engine == "fsdp2" else make_accelerator(cfg)
     set_seed(cfg.train.seed)
     teacher, recipe, dataset = build_run(cfg, acc.device)
     trainer = Trainer(cfg, recipe, teacher, dataset, acc)
