@@ -298,7 +298,8 @@ def test_fsdp2_evaluation_during_training_scores_like_one_process(teacher_dir: P
                          timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([*LAUNCH, "--main_process_port", free_port(), str(ROOT / "tests" / "fsdp2_cpu_train.py"),
-                          "unused", "--engine", "fsdp2-run", *args, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"],
+                          "unused", "--engine", "fsdp2-run", *args, "data.batch_size=2",
+                          f"output_dir={tmp_path / 'two'}"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "eval.jsonl").read_text()) for d in ("one", "two"))

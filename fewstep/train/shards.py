@@ -47,8 +47,8 @@ def run_state(params: dict[str, dict[str, nn.Parameter]], optimizers: dict[str, 
         name = {id(p): k for k, p in named.items()}
         tensors.update({f"trainable.{role}.{k}": p.detach() for k, p in named.items()})
         tensors.update({f"optim.{role}.{k}.{key}": v for k, p in named.items() for key, v in opt.state[p].items()})
-        settings[role] = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name[id(p)] for p in g["params"]]}
-                          for g in opt.param_groups]
+        settings[role] = [{**{k: v for k, v in g.items() if k != "params"},
+                           "params": [name[id(p)] for p in g["params"]]} for g in opt.param_groups]
     for group, state in extra.items():
         tensors.update({f"{group}.{k}": v for k, v in state.items()})
     return tensors, settings

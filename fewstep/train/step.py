@@ -214,7 +214,8 @@ class RoleOptimizers:
                                                  for named in self.params.values()]):
             roles = [r for r, named in self.params.items() if where[id(next(iter(named.values())))][0] in group]
             if len(group) > 1 and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False):
-                raise FewstepError(f"fsdp_activation_checkpointing cannot wrap {' and '.join(type(self.networks[i]).__name__ for i in group)}, "
+                names = " and ".join(type(self.networks[i]).__name__ for i in group)
+                raise FewstepError(f"fsdp_activation_checkpointing cannot wrap {names}, "
                                    "which one role trains together; set it to false in the accelerate config and "
                                    "pass student.gradient_checkpointing=true")
             model = self.networks[group[0]] if len(group) == 1 else Joint([self.networks[i] for i in group])
