@@ -30,6 +30,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sample import TEACHER_DEFAULT_STEPS, precision_dtype, resolve_model
 from fewstep.sampling.generate import generate_latents, guided
+from fewstep.train.shards import is_sharded
 
 
 @dataclass
@@ -56,13 +57,6 @@ class LocalAccelerator:
 
     def wait_for_everyone(self) -> None:
         pass
-
-
-def sharded(net: nn.Module) -> bool:
-    """Whether an engine sharded `net`'s parameters (FSDP2 DTensors), so its forwards are collective."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in net.parameters())
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -138,15 +132,17 @@ def generate_into(teacher: Teacher, denoiser: nn.Module, net: nn.Module, spec: I
     every process must run the same number."""
     times = torch.tensor(spec.times, dtype=torch.float64)
     cuda = next(net.parameters()).device.type == "cuda"
-    if len(indices) or rounds:  # one untimed image first, so lazy initialisation is not timed
+    def untimed_image() -> None:
         first = prompts[indices[0] if len(indices) else 0]
         generate_latents(teacher, denoiser, net, [first], [seed], times, spec.step, spec.guidance_scale)
+
+    if len(indices) or rounds:  # one untimed image first, so lazy initialisation is not timed
+        untimed_image()
     seconds = 0.0
-    starts = range(0, max(len(indices), rounds * batch_size), batch_size)
-    for start in starts:
+    for start in range(0, max(len(indices), rounds * batch_size), batch_size):
         chunk = list(indices[start:start + batch_size])
         if not chunk:   # a batch only the other processes have images for
-            generate_latents(teacher, denoiser, net, [prompts[0]], [seed], times, spec.step, spec.guidance_scale)
+            untimed_image()
             continue
         p = [prompts[i] for i in chunk]
         tic = perf_counter()
@@ -182,10 +178,7 @@ class Context:
         return tqdm(total=n, desc=desc, leave=False, disable=not (self.opts.progress and self.acc.is_main_process))
 
     def shard(self, n: int) -> list[int]:
-        return self.shard_of(n, self.acc.process_index)
-
-    def shard_of(self, n: int, rank: int) -> list[int]:
-        return shard_indices(n, rank, self.acc.num_processes)
+        return shard_indices(n, self.acc.process_index, self.acc.num_processes)
 
 
 def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: Path | None) -> EvalRow:
@@ -228,7 +221,8 @@ def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: P
     t = target.teacher
     denoiser, net = target.sampler()
     bs = ctx.opts.batch_size
-    rounds = -(-len(ctx.shard_of(n, 0)) // bs) if sharded(net) else 0   # process 0 has the most images
+    most = len(shard_indices(n, 0, ctx.acc.num_processes))   # process 0 has the most images
+    rounds = -(-most // bs) if is_sharded(net.parameters()) else 0
     with ctx.bar(len(idx), target.label) as bar:
         seconds = generate_into(t, denoiser, net, target.spec, ctx.prompts, ctx.seed, idx, bs,
                                 [*sinks, *([writer] if writer else []), grid], bar, rounds)

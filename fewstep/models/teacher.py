@@ -109,9 +109,8 @@ class Teacher:
         """With `offload`, the frozen parts named by `prefixes` on the denoiser's device for the block, then back
         in CPU memory; without it, nothing moves."""
         parts = self._frozen_parts(*prefixes) if self.offload else []
-        device = next(self.net.parameters()).device
         for module in parts:
-            module.to(device)
+            module.to(next(self.net.parameters()).device)
         try:
             yield
         finally:

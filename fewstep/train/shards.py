@@ -12,12 +12,19 @@ groups' settings go into the checkpoint's `optimizer_groups.pt`, read with `torc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 SHARDS = "shards"   # the sub-folder of a checkpoint holding the per-process safetensors files
+
+
+def is_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Whether an engine sharded any of `tensors` (FSDP2's DTensors), so the forwards that use them are collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def _optimizer(opt: Any) -> torch.optim.Optimizer:

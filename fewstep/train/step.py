@@ -22,7 +22,7 @@ from fewstep.errors import FewstepError
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
 from fewstep.train.checkpoint import fault_point
-from fewstep.train.shards import meta_copy, unsharded
+from fewstep.train.shards import is_sharded, meta_copy, unsharded
 
 
 def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
@@ -145,12 +145,18 @@ def check_engine(accelerator: Any, networks: list[nn.Module], params: dict[str, 
                            "launch it with recipes/accelerate/fsdp2.yaml (ZeRO-3-like sharding) instead")
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     if kind == "FSDP" and plugin is not None and getattr(plugin, "activation_checkpointing", False):
-        owners = {id(p): role for role, named in params.items() for p in named.values()}
-        shared = [net for net in networks if len({owners[id(p)] for p in net.parameters() if id(p) in owners}) > 1]
+        home = {id(p): i for i, net in enumerate(networks) for p in net.parameters()}
+        spans = [{home[id(p)] for p in named.values() if id(p) in home} for named in params.values()]
+        shared = [net for i, net in enumerate(networks) if sum(i in span for span in spans) > 1]
         if shared:
             raise FewstepError(f"fsdp_activation_checkpointing recomputes {type(shared[0]).__name__} blocks under the "
                                "wrong LoRA adapter where two roles share it; set it to false in the accelerate config "
                                "and pass student.gradient_checkpointing=true")
+        wide = next((sorted(span) for span in spans if len(span) > 1), None)
+        if wide:   # a role training two networks is prepared as one Joint, which FSDP's recompute cannot wrap
+            names = " and ".join(type(networks[i]).__name__ for i in wide)
+            raise FewstepError(f"fsdp_activation_checkpointing cannot wrap {names}, which one role trains together; "
+                               "set it to false in the accelerate config and pass student.gradient_checkpointing=true")
 
 
 class RoleOptimizers:
@@ -187,7 +193,7 @@ class RoleOptimizers:
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
         # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
-        self.skeletons = [meta_copy(net) for net in self.networks + self.followers] if sharding else []
+        self.skeletons = [meta_copy(net) for net in self.shardable] if sharding else []
         self.prepared = self._prepare(accelerator, where) if not sharding else self._prepare_sharded(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
@@ -213,11 +219,6 @@ class RoleOptimizers:
         for group in linked(len(self.networks), [{where[id(p)][0] for p in named.values()}
                                                  for named in self.params.values()]):
             roles = [r for r, named in self.params.items() if where[id(next(iter(named.values())))][0] in group]
-            if len(group) > 1 and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False):
-                names = " and ".join(type(self.networks[i]).__name__ for i in group)
-                raise FewstepError(f"fsdp_activation_checkpointing cannot wrap {names}, "
-                                   "which one role trains together; set it to false in the accelerate config and "
-                                   "pass student.gradient_checkpointing=true")
             model = self.networks[group[0]] if len(group) == 1 else Joint([self.networks[i] for i in group])
             out = accelerator.prepare(_with_block_names(accelerator, model), *(self.optimizers[r] for r in roles),
                                       *(self.schedulers[r] for r in roles))
@@ -247,7 +248,7 @@ class RoleOptimizers:
         nothing would shard them again, and the optimizers and checkpoints would see other tensors than the module's."""
         from torch.distributed.fsdp import FSDPModule
 
-        for net in self.networks + self.followers:
+        for net in self.shardable:
             for unit in net.modules():   # every FSDP unit: a block run on its own stays gathered too
                 if isinstance(unit, FSDPModule):
                     unit.reshard()
@@ -255,18 +256,20 @@ class RoleOptimizers:
     def export_network(self, net: nn.Module) -> nn.Module | None:
         """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
         sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
-        shardable = self.networks + self.followers
-        if not self.sharded or net not in shardable:   # modules compare by identity
+        if not self.sharded or net not in self.shardable:   # modules compare by identity
             return net
         self.reshard()
-        return unsharded(net, self.skeletons[shardable.index(net)], self.acc.is_main_process)
+        return unsharded(net, self.skeletons[self.shardable.index(net)], self.acc.is_main_process)
+
+    @property
+    def shardable(self) -> list[nn.Module]:
+        """The networks a sharding engine shards: the trained ones, then their followers."""
+        return self.networks + self.followers
 
     @property
     def sharded(self) -> bool:
         """Whether the engine sharded the trained parameters (FSDP2: DTensors)."""
-        from torch.distributed.tensor import DTensor
-
-        return any(isinstance(p, DTensor) for named in self.params.values() for p in named.values())
+        return is_sharded(p for named in self.params.values() for p in named.values())
 
     @property
     def distributed(self) -> bool:

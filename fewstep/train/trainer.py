@@ -53,7 +53,7 @@ class Trainer:
         self.params, self.optimizers, self.schedulers = self.optim.params, self.optim.optimizers, self.optim.schedulers
         self.sharded = self.optim.sharded
         if self.sharded:
-            check_shardable(recipe, self.optim.networks + self.optim.followers)
+            check_shardable(recipe, self.optim.shardable)
         self.ema = self._ema()
         self.prompts = PromptCache(teacher, limit=4096 if cfg.train.text_embedding_cache else 0)
         self.step = 0
