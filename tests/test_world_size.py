@@ -73,16 +73,17 @@ _NO_GAN = [a for a in RECIPES["dmd2"] if not a.startswith("method.gan_")] + ["me
 FSDP2 = {
     "lcm": RECIPES["lcm"],
     # a full student with its EMA target network (a follower FSDP2 shards like the student) and train.ema_decay
-    "lcm-full": [*RECIPES["lcm"], "student.mode=full", "train.lr=1e-3", "train.ema_decay=0.5",
-                 "method.target_ema_decay=0.5"],
+    # (no LR warm-up, which the LCM preset has: the target moves by 1.6e-3, well beyond the tolerances below)
+    "lcm-full": [*RECIPES["lcm"], "student.mode=full", "train.lr=1e-3", "train.warmup_steps=0",
+                 "train.ema_decay=0.5", "method.target_ema_decay=0.5"],
     # one shared base, two adapters, and the GAN head: the critic role trains two networks, sharded as one Joint
     "dmd2": RECIPES["dmd2"],
     "dmd2-full": [*_NO_GAN, "student.mode=full", "method.critic_mode=full"],   # two sharded networks
     "lcm-ac": RECIPES["lcm"],   # with FSDP's activation checkpointing: each UNet block recomputed in the backward
     # with fsdp_cpu_ram_efficient_loading (recipes/accelerate/fsdp2.yaml): process 1's networks start on the meta
     # device and get process 0's weights by broadcast; a follower, a Joint and a full critic
-    "lcm-full-rl": [*RECIPES["lcm"], "student.mode=full", "train.lr=1e-3", "train.ema_decay=0.5",
-                    "method.target_ema_decay=0.5"],
+    "lcm-full-rl": [*RECIPES["lcm"], "student.mode=full", "train.lr=1e-3", "train.warmup_steps=0",
+                    "train.ema_decay=0.5", "method.target_ema_decay=0.5"],
     "dmd2-full-rl": [*RECIPES["dmd2"], "student.mode=full", "method.critic_mode=full"],
 }
 
@@ -115,8 +116,8 @@ def test_fsdp2_on_two_processes_matches_one_process(recipe: str, teacher_dir: Pa
         assert any("lora_B" in k and w_one[k].abs().max() > 0 for k in w_one)
     assert any(k.startswith("student/") for k in w_one) and any(k.startswith("critic/") for k in w_one) \
         or recipe.startswith("lcm")
-    for k in w_one:   # measured: max |difference| 3.3e-6 (DMD2 with the GAN head), 6e-8 (LCM, with or without
-        #               activation checkpointing or ram-efficient loading), 4.1e-6 (DMD2 full, ram-efficient)
+    for k in w_one:   # measured: max |difference| 3.3e-6 (DMD2 with the GAN head), 6e-8 (LCM-LoRA, with or
+        #               without activation checkpointing), 2.2e-6 (LCM full, either loading), 4.1e-6 (DMD2 full)
         torch.testing.assert_close(w_two[k], w_one[k], rtol=1e-4, atol=3e-5, msg=k)
 
 
@@ -272,13 +273,15 @@ def test_fsdp2_distill_exports_and_resumes_like_one_process(recipe: str, teacher
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     a = _exports(tmp_path / "one")
-    if "full" in recipe:   # the student moved off the teacher, so the comparisons can fail
+    # the export moved off the teacher by more than the comparison below allows (3e-5 + 1e-4 x weights up to 2),
+    # so an export of untrained weights fails it; measured: 1.4e-3 (dmd2-full), 1.6e-3 (lcm-full), 2.4e-3 (dmd2)
+    if "full" in recipe:
         teacher = load_file(teacher_dir / "unet/diffusion_pytorch_model.safetensors")
         unet = {k.split("/", 2)[-1]: v for k, v in a.items() if k.startswith("unet/")}
         assert unet.keys() == teacher.keys()
-        assert max(float((unet[k] - teacher[k]).abs().max()) for k in unet) > 1e-5, "vacuous"
+        assert max(float((unet[k] - teacher[k]).abs().max()) for k in unet) > 5e-4, "vacuous"
     else:
-        assert any(("lora_B" in k or "lora.up" in k) and v.abs().max() > 1e-5 for k, v in a.items()), "vacuous"
+        assert any(("lora_B" in k or "lora.up" in k) and v.abs().max() > 5e-4 for k, v in a.items()), "vacuous"
     for out in ("two", "moved"):
         b = _exports(tmp_path / out)
         assert a.keys() == b.keys(), out
