@@ -19,7 +19,8 @@ from fewstep.errors import FewstepError
 from fewstep.models.adapters import expert_network
 from fewstep.models.student import has_lora, lora_config_dict
 from fewstep.models.teacher import Teacher, load_teacher
-from fewstep.paths import EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output
+from fewstep.models.families.base import recorded_call_defaults
+from fewstep.paths import CALL_DEFAULTS_KEY, EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output
 from fewstep.recipes.base import InferenceSpec
 
 
@@ -58,9 +59,18 @@ def sidecar(teacher: Teacher, spec: InferenceSpec, scheduler: tuple[str, dict], 
             "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
             "experts": [{"adapter": name, "until": bound, "kind": kind}
                         for (name, bound), kind in zip(spec.experts, kinds)],
-            "resolution": size, "lora": None if lora is None else {
+            "resolution": size, "pipeline_kwargs": stock_call_kwargs(teacher, times, spec.guidance_scale),
+            "lora": None if lora is None else {
                 "rank": lora["r"], "alpha": lora["lora_alpha"], "targets": sorted(lora["target_modules"])},
             **(extra or {})}
+
+
+def stock_call_kwargs(teacher: Teacher, times: torch.Tensor, guidance_scale: float) -> dict[str, Any]:
+    """Everything a stock `pipe(prompt, **kwargs)` call of the export needs besides its scheduler: the timesteps or
+    sigmas, the guidance scale and the arguments recorded with the teacher (the SD3 toy's max_sequence_length)."""
+    size = teacher.size
+    return {**recorded_call_defaults(teacher.pipe), **teacher.family.pipeline_call_kwargs(teacher.pipe, times, size, size),
+            "guidance_scale": guidance_scale}
 
 
 def save_experts(teacher: Teacher, net: nn.Module, names: list[str], sched_name: str, sched_config: dict,
@@ -96,7 +106,9 @@ def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str,
         components["requires_safety_checker"] = pipe.config.requires_safety_checker
     type(pipe)(**components).save_pretrained(str(out), safe_serialization=True)
     index = out / PIPELINE_INDEX      # mark the folder, so it is never taken for a teacher if fewstep.json is lost
-    index.write_text(json.dumps({**json.loads(index.read_text()), EXPORT_MARK: SIDECAR}, indent=2, sort_keys=True) + "\n")
+    recorded = {CALL_DEFAULTS_KEY: calls} if (calls := recorded_call_defaults(pipe)) else {}
+    index.write_text(json.dumps({**json.loads(index.read_text()), EXPORT_MARK: SIDECAR, **recorded}, indent=2,
+                                sort_keys=True) + "\n")
 
 
 def _jsonable(config: dict) -> dict:

@@ -18,10 +18,11 @@ from typing import Iterator
 from fewstep.errors import FewstepError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = {"toy-digits": ASSETS / "toy-digits"}
+BUILTIN = {"toy-digits": ASSETS / "toy-digits", "toy-digits-sd3": ASSETS / "toy-digits-sd3"}
 SIDECAR = "fewstep.json"
 PIPELINE_INDEX = "model_index.json"
 EXPORT_MARK = "_fewstep_export"   # written into a full export's model_index.json (stock loaders ignore "_" keys)
+CALL_DEFAULTS_KEY = "_fewstep_call_defaults"   # model_index.json: `__call__` arguments the teacher was trained with
 
 
 ACCEPTS = {"teacher": f"an existing Diffusers pipeline folder or a preset ({', '.join(BUILTIN)})",
@@ -37,8 +38,9 @@ def resolve_pretrained(spec: str, role: str = "teacher") -> str:
     if spec in BUILTIN:
         path = BUILTIN[spec]
         if not (path / PIPELINE_INDEX).is_file():
+            script = "train_toy_teacher_sd3.py" if spec.endswith("-sd3") else "train_toy_teacher.py"
             raise FewstepError(f"builtin teacher {spec!r} is missing at {path}; regenerate it with "
-                               "`python scripts/train_toy_teacher.py`")
+                               f"`python scripts/{script}`")
         return str(path)
     path = Path(spec).expanduser()
     if path.exists():

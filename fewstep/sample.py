@@ -20,7 +20,7 @@ from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_latents
 
-GRAYSCALE_TEACHERS = {"toy-digits"}  # single-channel data stored as 3 identical channels
+GRAYSCALE_TEACHERS = {"toy-digits", "toy-digits-sd3"}  # single-channel data stored as 3 identical channels
 TEACHER_DEFAULT_STEPS = 50
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.bench.measure import Side, batch_tensor
+from fewstep.models.families.base import recorded_call_defaults
 from fewstep.models.teacher import Teacher
 from fewstep.sample import GRAYSCALE_TEACHERS
 from fewstep.sampling.engine import seed_generators
@@ -126,13 +127,13 @@ def engine_side(teacher: Teacher, denoiser: nn.Module, times: list[float], step:
 
 def stock_kwargs(teacher: Teacher, meta: dict | None, times: list[float]) -> dict[str, Any]:
     """Extra pipeline arguments: none for a teacher (its own scheduler), the recorded timesteps/sigmas for an
-    export."""
-    steps = len(times) - 1
+    export; both with the arguments recorded with the teacher (`recorded_call_defaults`)."""
+    base = {"num_inference_steps": len(times) - 1, **recorded_call_defaults(teacher.pipe)}
     if meta is None:
-        return {"num_inference_steps": steps}
+        return base
     size = teacher.size
     grid = torch.tensor(times, dtype=torch.float64)
-    return {"num_inference_steps": steps, **teacher.family.pipeline_call_kwargs(teacher.pipe, grid, size, size)}
+    return {**base, **teacher.family.pipeline_call_kwargs(teacher.pipe, grid, size, size)}
 
 
 def stock_scheduler(teacher: Teacher, meta: dict | None) -> Any:

@@ -1,8 +1,10 @@
 """Load a Diffusers teacher (preset, folder or hub id) and wrap it in fewstep's convention."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -12,8 +14,8 @@ from fewstep.diffusion.schedule import Schedule
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Cond, Denoiser
 from fewstep.models.families import family_for
-from fewstep.models.families.base import Family
-from fewstep.paths import hub_offline, resolve_pretrained
+from fewstep.models.families.base import CALL_DEFAULTS_ATTR, Family
+from fewstep.paths import CALL_DEFAULTS_KEY, PIPELINE_INDEX, hub_offline, resolve_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,6 +31,8 @@ def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device 
     from transformers.utils import logging as transformers_logging
 
     source = resolve_pretrained(spec)
+    index = _local_index(source)
+    components = {**empty_slots(index), **components}
     bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
     for lib, _ in bars:
         lib.disable_progress_bar()
@@ -45,7 +49,22 @@ def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device 
             if enabled:
                 lib.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    if index.get(CALL_DEFAULTS_KEY):
+        setattr(pipe, CALL_DEFAULTS_ATTR, dict(index[CALL_DEFAULTS_KEY]))
     return pipe.to(device)
+
+
+def _local_index(source: str) -> dict[str, Any]:
+    """A local pipeline folder's model_index.json ({} for a hub id)."""
+    index = Path(source) / PIPELINE_INDEX
+    return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+
+
+def empty_slots(index: dict[str, Any]) -> dict[str, None]:
+    """Components saved as empty slots (`[null, null]` in model_index.json, e.g. SD3's `text_encoder_3` without
+    T5). diffusers writes them but refuses to load the folder back unless each is passed as None."""
+    return {name: None for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and entry == [None, None]}
 
 
 @dataclass

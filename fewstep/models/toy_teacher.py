@@ -228,21 +228,23 @@ def build_pipeline(vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, unet
 
 @torch.no_grad()
 def sample_images(pipe: Any, prompts: Sequence[str], steps: int = 50, guidance: float = 2.0, seed: int = 0,
-                  batch_size: int = 100) -> Tensor:
-    """Generate one image per prompt with the pipeline; returns float32 [N, 3, H, W] in [-1, 1]."""
+                  batch_size: int = 100, **call: Any) -> Tensor:
+    """Generate one image per prompt with the pipeline (`call`: further `__call__` arguments); returns float32
+    [N, 3, H, W] in [-1, 1]."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
         imgs = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
-                    generator=gen, output_type="pt").images
+                    generator=gen, output_type="pt", **call).images
         out.append(imgs.float() * 2 - 1)
     return torch.cat(out)
 
 
-def class_accuracy(pipe: Any, n: int = 200, steps: int = 50, guidance: float = 2.0, seed: int = 0) -> float:
+def class_accuracy(pipe: Any, n: int = 200, steps: int = 50, guidance: float = 2.0, seed: int = 0,
+                   **call: Any) -> float:
     """Fraction of `n` class-balanced samples that the nearest-class-mean 8x8 classifier labels as prompted."""
     prompts = class_balanced_prompts(n)
-    imgs = sample_images(pipe, prompts, steps, guidance, seed)
+    imgs = sample_images(pipe, prompts, steps, guidance, seed, **call)
     target = torch.arange(n) % 10
     return float((classify_nearest_mean(imgs, digit_class_means(imgs.shape[-1])) == target).float().mean())
 

@@ -47,16 +47,16 @@ def write_tokenizer_files(out_dir: str | Path) -> Path:
     return out
 
 
-def build_tokenizer(out_dir: str | Path | None = None):  # -> CLIPTokenizer
-    """The toy CLIPTokenizer (model_max_length 16). With `out_dir`, the files are written there and loaded
-    back with `from_pretrained` (the path a saved pipeline takes); without, it is built in memory."""
+def build_tokenizer(out_dir: str | Path | None = None, max_length: int = MAX_LENGTH):  # -> CLIPTokenizer
+    """The toy CLIPTokenizer (model_max_length 16 unless `max_length`). With `out_dir`, the files are written there
+    and loaded back with `from_pretrained` (the path a saved pipeline takes); without, it is built in memory."""
     from transformers import CLIPTokenizer
 
     if out_dir is not None:
         write_tokenizer_files(out_dir)
-        tok = CLIPTokenizer.from_pretrained(str(out_dir), model_max_length=MAX_LENGTH)
+        tok = CLIPTokenizer.from_pretrained(str(out_dir), model_max_length=max_length)
     else:
-        tok = CLIPTokenizer(vocab=toy_vocab(), merges=toy_merges(), model_max_length=MAX_LENGTH)
+        tok = CLIPTokenizer(vocab=toy_vocab(), merges=toy_merges(), model_max_length=max_length)
     if len(tok) != len(toy_vocab()):
         raise RuntimeError(f"toy tokenizer has {len(tok)} entries, expected {len(toy_vocab())} "
                            "(transformers ignored the vocabulary?)")

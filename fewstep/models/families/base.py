@@ -50,6 +50,16 @@ class Family(Protocol):
     def pipeline_call_kwargs(self, pipe: Any, times: Tensor, height: int, width: int) -> dict: ...
 
 
+CALL_DEFAULTS_ATTR = "_fewstep_call_defaults"   # set on a pipeline object by fewstep.models.teacher.load_pipeline
+
+
+def recorded_call_defaults(pipe: Any) -> dict[str, Any]:
+    """`__call__` arguments recorded with a teacher folder (model_index.json's `_fewstep_call_defaults`, kept on
+    the loaded pipeline object): values the teacher was trained with that differ from the pipeline's defaults,
+    which every call of it, ours and a stock one, must pass. Empty for ordinary teachers."""
+    return dict(getattr(pipe, CALL_DEFAULTS_ATTR, None) or {})
+
+
 def vae_scale(vae: nn.Module) -> tuple[float, float]:
     """(scaling_factor, shift_factor) of a diffusers VAE; shift is 0 for SD1.5/SDXL."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -13,12 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion.schedule import RectifiedFlow, flux_mu
-from fewstep.models.families.base import Cond, vae_decode, vae_encode
+from fewstep.models.families.base import Cond, recorded_call_defaults, vae_decode, vae_encode
 
 
 def pipeline_default(pipe_or_cls: Any, arg: str) -> Any:
-    """The default of one `__call__` argument of a diffusers pipeline (e.g. `max_sequence_length`: 256 for SD3,
-    512 for FLUX, 120 for PixArt-alpha, 300 for PixArt-sigma), so encoding mirrors a plain pipeline call."""
+    """The value of one `__call__` argument this teacher is called with: the one recorded with the teacher folder
+    (`recorded_call_defaults`; the SD3 toy's `max_sequence_length` 8), else the pipeline's own default (e.g.
+    `max_sequence_length`: 256 for SD3, 512 for FLUX, 120 for PixArt-alpha, 300 for PixArt-sigma), so encoding
+    mirrors the teacher's pipeline call."""
+    recorded = {} if isinstance(pipe_or_cls, type) else recorded_call_defaults(pipe_or_cls)
+    if arg in recorded:
+        return recorded[arg]
     cls = pipe_or_cls if isinstance(pipe_or_cls, type) else type(pipe_or_cls)
     return inspect.signature(cls.__call__).parameters[arg].default
 
