@@ -65,9 +65,8 @@ def test_export_switches_experts_like_a_stock_pipeline(teacher_dir: Path, tmp_pa
     owner = ["phase0", "phase0", "phase1", "phase1"]
     pipe.set_adapters(owner[0])
 
-    def switch(p, i, t, kwargs):
-        if i + 1 < len(owner):
-            p.set_adapters(owner[i + 1])
+    def switch(p, i, t, kwargs):               # after the last step: back to the first expert
+        p.set_adapters(owner[(i + 1) % len(owner)])
         return kwargs
 
     gens = seed_generators(seeds)
@@ -187,15 +186,15 @@ def test_full_expert_export_switches_unets_like_a_stock_pipeline(teacher_dir: Pa
     owner = [next(e["adapter"] for e in meta["experts"] if t > e["until"]) for t in meta["times"][:-1]]
     assert owner == ["phase0", "phase0", "phase1", "phase1"]
 
-    def switch(p, i, t, kwargs):
-        if i + 1 < len(owner):
-            p.unet = nets[owner[i + 1]]
+    def switch(p, i, t, kwargs):               # the README's recipe: after the last step, back to the first
+        p.unet = nets[owner[(i + 1) % len(owner)]]   # expert, so the next call starts with it
         return kwargs
 
     gens = seed_generators(seeds)
     latents = initial_noise((2, *student.latent_shape()), gens)
-    stock = pipe(prompts, timesteps=meta["timesteps"], latents=latents, generator=gens, guidance_scale=w,
-                 output_type="latent", callback_on_step_end=switch).images
+    stock = torch.cat([pipe(prompts[k], timesteps=meta["timesteps"], latents=latents[k:k + 1], generator=gens[k],
+                            guidance_scale=w, output_type="latent", callback_on_step_end=switch).images
+                       for k in range(2)])           # one call per image: the second starts where the first left
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
 
     (tmp_path / "p.txt").write_text("a cat\na dog\n")

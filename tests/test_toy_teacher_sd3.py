@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
+import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -107,3 +108,30 @@ def test_shipped_teacher_generates_the_prompted_class_in_the_stock_pipeline():
     assert imgs.shape == (40, 3, 16, 16) and imgs.mean() < -0.3   # dataset polarity: mostly dark background
     acc = (classify_nearest_mean(imgs, digit_class_means()) == torch.arange(40) % 10).float().mean()
     assert acc >= 0.8, f"class accuracy {acc:.2f}"
+
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").exists(), reason="toy-digits-sd3 asset not built")
+def test_eval_and_bench_accept_the_preset(tmp_path, monkeypatch):
+    """`fewstep eval` with the toy protocol scores the flow teacher (8 Euler steps beat 1 on both digits feature
+    spaces), and `bench --compare-stock` times it against the stock SD3 pipeline called with the recorded
+    max_sequence_length (not 8 + 256 tokens)."""
+    from fewstep.bench import run_bench
+    from fewstep.bench.sides import stock_kwargs
+    from fewstep.cli import main
+    from fewstep.models.teacher import load_teacher
+
+    monkeypatch.setenv("FEWSTEP_STATS_DIR", str(tmp_path / "stats"))
+    out = tmp_path / "eval"
+    main(["eval", "toy-digits-sd3", "--protocol", "toy-digits", "--steps", "1,8", "--num-images", "30", "--guidance",
+          "1", "--out", str(out), "--no-progress", "--results", str(tmp_path / "r.md"), "--section", "sd3",
+          "--device", "cpu"])
+    one, eight = (r["metrics"] for r in json.loads((out / "report.json").read_text())["rows"])
+    assert eight["fid[digits-cnn]"] < one["fid[digits-cnn]"] and eight["fid[digits-mlp]"] < one["fid[digits-mlp]"]
+    assert eight["class_accuracy"] >= 0.9   # (one Euler step gives each class's blurred mean: also classified right)
+    assert "| toy-digits-sd3 | teacher | 8 |" in (tmp_path / "r.md").read_text()
+
+    row = run_bench("toy-digits-sd3", [1], [2], guidance=2.0, compare_stock=True, repeats=1, progress=False)[0]
+    assert row.teacher == "toy-digits-sd3" and row.resolution == 16 and row.nfe == 2
+    assert row.engine.forward_rows == row.stock.forward_rows == 4
+    assert row.stock_ratio > 0 and math.isfinite(row.stock_ratio)
+    assert stock_kwargs(load_teacher("toy-digits-sd3"), None, [1.0, 0.0])["max_sequence_length"] == ts.TOKENS

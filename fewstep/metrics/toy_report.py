@@ -1,9 +1,11 @@
-"""The toy quality benchmark: teacher and students on the embedded toy teacher, scored with fid[digits-cnn] and
+"""The toy quality benchmark: teacher and students on an embedded toy teacher (`--teacher`: toy-digits, the VP
+UNet, or toy-digits-sd3, the rectified-flow SD3 transformer), scored with fid[digits-cnn] and
 fid[digits-mlp] (two independent digits feature spaces: a CNN and an MLP trained on different splits), class
 accuracy and per-class diversity, timed per image, written to docs/results.md by this script only. A "student
 beats teacher" statement stands only where both FIDs agree.
 
     python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
+    python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
 """
 from __future__ import annotations
 
@@ -63,9 +65,16 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def sampler_name(teacher: Teacher) -> str:
+    """What the deterministic x0-transfer step is called on this teacher's schedule: DDIM on VP tables, Euler on
+    rectified flow (the same step, `sampling.steps.ddim_step`)."""
+    return "Euler" if teacher.schedule.kind == "flow" else "DDIM"
+
+
 def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: int, seed: int,
                  grid_dir: Path | None) -> list[Row]:
-    return [evaluate(f"teacher DDIM {k} steps, w={w:g}", teacher, InferenceSpec(
+    name = sampler_name(teacher)
+    return [evaluate(f"teacher {name} {k} steps, w={w:g}", teacher, InferenceSpec(
         [float(t) for t in teacher.teacher_times(k)], "ddim", w), n, seed, grid_dir) for k in steps for w in guidances]
 
 
@@ -82,7 +91,7 @@ def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, 
 
 
 def markdown(rows: list[Row], command: str, n: int) -> str:
-    base = next((r for r in rows if r.name.startswith("teacher DDIM 50")), None)
+    base = next((r for r in rows if re.match(r"teacher \w+ 50 steps", r.name)), None)
     lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | {MLP_METRIC_NAME} ↓ | class acc ↑ | diversity (1 = real) | "
              "s / image | speedup vs 50 steps |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -114,10 +123,13 @@ def write_section(path: Path, section: str, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="toy-digits", help="the embedded teacher the students were distilled from "
+                   "(toy-digits or toy-digits-sd3)")
     p.add_argument("--student", action="append", default=[], help="label=export_dir (repeatable)")
     p.add_argument("--student-steps", default="", help="comma-separated step counts for students (default: each "
                    "export's own)")
-    p.add_argument("--teacher-steps", default="50,4", help="comma-separated DDIM step counts for the teacher")
+    p.add_argument("--teacher-steps", default="50,4", help="comma-separated step counts for the teacher (DDIM on "
+                   "VP, Euler on flow)")
     p.add_argument("--teacher-guidance", default="2,1", help="comma-separated CFG scales for the teacher")
     p.add_argument("-n", "--num-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     grid_dir = Path(args.grids) if args.grids else None
-    teacher = load_teacher("toy-digits")
+    teacher = load_teacher(args.teacher)
     rows = teacher_rows(teacher, _ints(args.teacher_steps), _floats(args.teacher_guidance), args.num_images,
                         args.seed, grid_dir)
     for spec in args.student:

@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,40 +172,59 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(p, 1.0 - decay)
 
 
+def latent_batch(mean: Tensor, std: Tensor, labels: Tensor, scaling_factor: float, batch_size: int,
+                 p_uncond: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A training batch for a denoiser: latents sampled from stored VAE posteriors (`mean`, `std`, scaled by
+    `scaling_factor`) and their prompt-table rows, a fraction `p_uncond` replaced by the "" row (`EMPTY`) for CFG."""
+    idx = torch.randint(len(mean), (batch_size,), generator=generator)
+    z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scaling_factor
+    cond = torch.where(torch.rand(batch_size, generator=generator) < p_uncond, EMPTY, labels[idx])
+    return z0, cond
+
+
+def train_with_ema(net: nn.Module, batch_loss: Callable[[], Tensor], steps: int, lr: float, warmup: int,
+                   ema_decay: float, desc: str, progress: bool = True) -> tuple[nn.Module, list[float]]:
+    """The toy teachers' training loop: `steps` AdamW updates of `net` on `batch_loss()` (which draws its own batch),
+    warm-up + cosine to 0.1x, grad clip 1.0, and an EMA copy whose decay warms up as min(ema_decay, (1+s)/(10+s)).
+    Returns (the EMA copy, the per-step losses); `net` is left trained, in eval mode."""
+    opt, sched = _optimizer(net.parameters(), lr, steps, warmup)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    net.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, net, min(ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    net.eval()
+    return ema, losses
+
+
 def train_unet(unet: nn.Module, mean: Tensor, std: Tensor, labels: Tensor, table: Tensor, scaling_factor: float,
                steps: int, batch_size: int = 128, lr: float = 1e-3, warmup: int = 100, ema_decay: float = 0.999,
                p_uncond: float = 0.1, seed: int = 0, progress: bool = True) -> tuple[nn.Module, list[float]]:
-    """Train `unet` in place with epsilon MSE on latents sampled from the stored posteriors (`mean`, `std`,
-    scaled by `scaling_factor`), conditioned on `table[label]` (10 % replaced by the "" row). AdamW, warm-up +
-    cosine to 0.1x, grad clip 1.0. Returns (EMA copy of the UNet, warmed-up decay up to `ema_decay`; losses)."""
+    """Train `unet` in place with epsilon MSE (Ho et al. 2020, Eq. 14) on `latent_batch` draws, conditioned on
+    `table[row]`. Returns `train_with_ema`'s (EMA copy of the UNet, losses)."""
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(**DDPM_CONFIG)
     gen = torch.Generator().manual_seed(seed)
-    opt, sched = _optimizer(unet.parameters(), lr, steps, warmup)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.train()
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="unet", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(mean), (batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        cond = torch.where(torch.rand(batch_size, generator=gen) < p_uncond, EMPTY, labels[idx])
+
+    def batch_loss() -> Tensor:
+        z0, cond = latent_batch(mean, std, labels, scaling_factor, batch_size, p_uncond, gen)
         t = torch.randint(noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         pred = unet(noise_sched.add_noise(z0, eps, t), t, encoder_hidden_states=table[cond]).sample
-        loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    unet.eval()
-    return ema, losses
+        return F.mse_loss(pred, eps)
+
+    return train_with_ema(unet, batch_loss, steps, lr, warmup, ema_decay, "unet", progress)
 
 
 def build_scheduler() -> Any:

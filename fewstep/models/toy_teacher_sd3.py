@@ -23,7 +23,6 @@ Regenerate (seeded; `--threads 2` alone on the 2-core VM):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -32,13 +31,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fewstep.data.digits import digit_prompt, load_digit_images
 from fewstep.diffusion.forward import diffuse
 from fewstep.diffusion.schedule import RectifiedFlow, static_shift
-from fewstep.models.toy_teacher import (EMPTY, TEXT_CONFIG, _ema_update, _optimizer, _seeded, class_accuracy,
-                                        encode_posteriors, sample_images, save_grid)
+from fewstep.models.toy_teacher import (TEXT_CONFIG, _seeded, class_accuracy, encode_posteriors, latent_batch,
+                                        sample_images, save_grid, train_with_ema)
 from fewstep.models.toy_tokenizer import build_tokenizer
 from fewstep.paths import BUILTIN, CALL_DEFAULTS_KEY, PIPELINE_INDEX
 
@@ -127,33 +125,17 @@ def train_transformer(net: nn.Module, mean: Tensor, std: Tensor, labels: Tensor,
                       scaling_factor: float, steps: int, batch_size: int = 128, lr: float = 5e-4, warmup: int = 100,
                       ema_decay: float = 0.999, p_uncond: float = 0.1, shift: float = SHIFT, seed: int = 0,
                       progress: bool = True) -> tuple[nn.Module, list[float]]:
-    """Train `net` in place on latents sampled from the stored VAE posteriors (scaled by `scaling_factor`),
-    conditioned on `table` rows (10 % the "" row). Returns (the EMA copy, warmed-up decay up to `ema_decay`; the
-    per-step losses)."""
+    """Train `net` in place with `flow_loss` on `latent_batch` draws at `training_times`, conditioned on `table`
+    rows. Returns `train_with_ema`'s (the EMA copy, the per-step losses)."""
     context, pooled = table
     gen = torch.Generator().manual_seed(seed)
-    opt, sched = _optimizer(net.parameters(), lr, steps, warmup)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    net.train()
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="transformer", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(mean), (batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        cond = torch.where(torch.rand(batch_size, generator=gen) < p_uncond, EMPTY, labels[idx])
+
+    def batch_loss() -> Tensor:
+        z0, cond = latent_batch(mean, std, labels, scaling_factor, batch_size, p_uncond, gen)
         t = training_times(batch_size, shift, gen)
-        loss = flow_loss(net, z0, t, torch.randn(z0.shape, generator=gen), context[cond], pooled[cond])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, net, min(ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    net.eval()
-    return ema, losses
+        return flow_loss(net, z0, t, torch.randn(z0.shape, generator=gen), context[cond], pooled[cond])
+
+    return train_with_ema(net, batch_loss, steps, lr, warmup, ema_decay, "transformer", progress)
 
 
 def save_teacher(pipe: Any, out: str | Path) -> Path:
