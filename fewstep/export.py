@@ -22,6 +22,7 @@ from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.models.families.base import recorded_call_defaults
 from fewstep.paths import CALL_DEFAULTS_KEY, EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output
 from fewstep.recipes.base import InferenceSpec
+from fewstep.sampling.steps import parse_step
 
 
 def export_student(teacher: Teacher, net: nn.Module, spec: InferenceSpec, out_dir: Path, recipe: str,
@@ -56,7 +57,7 @@ def sidecar(teacher: Teacher, spec: InferenceSpec, scheduler: tuple[str, dict], 
     return {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
             "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
-            "step": spec.step, "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
+            "step": spec.step, "step_options": parse_step(spec.step)[1], "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
             "experts": [{"adapter": name, "until": bound, "kind": kind}
                         for (name, bound), kind in zip(spec.experts, kinds)],
             "resolution": size, "pipeline_kwargs": stock_call_kwargs(teacher, times, spec.guidance_scale),

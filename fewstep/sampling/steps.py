@@ -5,6 +5,8 @@ own schedulers (`tests/test_steps_oracle.py`).
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -96,6 +98,43 @@ def tcd_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Sched
     return transition(x_s, s, t_next, schedule, noise_fn(x_s.shape, generator, x_s.device, x_s.dtype))
 
 
+def cps_mean_std(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule,
+                 eta: float = 0.9) -> tuple[Tensor, Tensor]:
+    """Mean and noise scale of the coefficients-preserving sampling step (CPS; RTDMD, algorithms.md §6.2), on any
+    Gaussian path: with theta = eta pi / 2 and eps_hat the noise x_t implies,
+
+        x' = alpha' x0 + sigma' cos(theta) eps_hat + sigma' sin(theta) z,   z ~ N(0, I).
+
+    On rectified flow (alpha = 1 - sigma) this is the official flow form; on a DDPM table it is the same step with
+    alpha' = sqrt(abar'), i.e. DDIM with noise std rho = sigma' sin(theta) (Song et al. 2021, Eq. 12): the
+    coefficients of x0 and of the total noise are those of the forward marginal at t' for every eta. Returns
+    (mean, rho) with rho broadcast to x_t; at t' = 0 the mean is x0 and rho = 0."""
+    theta = eta * math.pi / 2
+    a, s = (bcast(v, x_t) for v in schedule.alpha_sigma(t))
+    a_next, s_next = (bcast(v, x_t) for v in schedule.alpha_sigma(t_next))
+    eps = eps_from_x0(x0, x_t, a, s)
+    last = bcast(t_next == 0, x_t).bool()       # the step to t' = 0 is x0 (DDPM tables are not clean at index 0)
+    mean = torch.where(last, x0, a_next * x0 + s_next * math.cos(theta) * eps)
+    return mean, torch.where(last, 0.0, s_next * math.sin(theta)).expand_as(x_t)
+
+
+def cps_step(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule: Schedule, generator: Generators = None,
+             noise_fn: NoiseFn = randn, eta: float = 0.9) -> Tensor:
+    """One CPS step (`cps_mean_std`): eta = 0 is DDIM / Euler, eta = 1 is consistency re-noising (x0 plus fresh
+    noise at t'), and the step to t' = 0 returns x0 without drawing noise (the official deterministic last step)."""
+    if bool((t_next == 0).all()):
+        return x0
+    mean, rho = cps_mean_std(x_t, x0, t, t_next, schedule, eta)
+    return mean + rho * noise_fn(x_t.shape, generator, x_t.device, x_t.dtype)
+
+
+def cps_log_prob(x_next: Tensor, mean: Tensor) -> Tensor:
+    """RTDMD's per-sample log-probability of a CPS transition: -mean over C, H, W of (x' - mean)^2, without the
+    1 / (2 rho^2) factor or constants (algorithms.md §6.4; the PPO clip range of 1e-5 is tuned to this scale).
+    It is 0 on the deterministic last step (x' = mean there), so that step's PPO ratio is exactly 1."""
+    return -(x_next - mean).pow(2).flatten(1).mean(1)
+
+
 class DPMSolver2M:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, data prediction), as diffusers' DPMSolverMultistepScheduler runs
     it with solver_order=2, lower_order_final and final_sigmas_type="zero": the first step is first order (it
@@ -133,15 +172,40 @@ class DPMSolver2M:
 
 
 STEPS: dict[str, Step] = {"ddim": ddim_step, "euler": ddim_step, "consistency": consistency_step,
-                          "renoise": renoise_step, "tcd": tcd_step}
+                          "renoise": renoise_step, "tcd": tcd_step, "cps": cps_step}
+STEP_OPTIONS: dict[str, tuple[str, ...]] = {"tcd": ("gamma",), "cps": ("eta",)}
 MULTISTEP: dict[str, Callable[[], Step]] = {"dpmsolver": DPMSolver2M}
 STEP_NAMES = (*STEPS, *MULTISTEP)
 
 
-def make_step(name: str) -> Step:
-    """The step function for `name`; multistep solvers (which keep history) come fresh for each trajectory."""
+def parse_step(spec: str) -> tuple[str, dict[str, float]]:
+    """A sampler spec, the string every InferenceSpec, export and CLI carries: a step name, optionally with its
+    float options, e.g. "cps:eta=0.9" or "tcd:gamma=0.3" -> ("cps", {"eta": 0.9})."""
+    name, _, rest = spec.partition(":")
+    if name not in STEP_NAMES:
+        raise ValueError(f"unknown sampler step {name!r}; choose one of {list(STEP_NAMES)}")
+    options: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in STEP_OPTIONS.get(name, ()) or not eq:
+            raise ValueError(f"sampler {spec!r}: {name!r} takes {list(STEP_OPTIONS.get(name, ())) or 'no options'}, "
+                             f"written as {name}:key=value")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise ValueError(f"sampler {spec!r}: {key} must be a number, got {value!r}") from None
+    return name, options
+
+
+def step_spec(name: str, **options: float) -> str:
+    """The inverse of `parse_step`: ("cps", eta=0.9) -> "cps:eta=0.9" (options sorted, so specs compare equal)."""
+    return name + (":" + ",".join(f"{k}={float(options[k])!r}" for k in sorted(options)) if options else "")
+
+
+def make_step(spec: str) -> Step:
+    """The step function for a sampler spec (`parse_step`), its options bound; multistep solvers (which keep
+    history) come fresh for each trajectory."""
+    name, options = parse_step(spec)
     if name in MULTISTEP:
         return MULTISTEP[name]()
-    if name not in STEPS:
-        raise ValueError(f"unknown sampler step {name!r}; choose one of {list(STEP_NAMES)}")
-    return STEPS[name]
+    return partial(STEPS[name], **options) if options else STEPS[name]

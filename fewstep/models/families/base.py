@@ -93,12 +93,15 @@ def vp_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, dic
     student was trained on (with "trailing" it would be sigma_max, off by a factor alpha)."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
+    from fewstep.sampling.steps import parse_step
+
+    step = parse_step(step)[0]
     if step == "dpmsolver":   # fewstep.sampling.steps.DPMSolver2M: DPM-Solver++(2M), first order at both ends
         sched = DPMSolverMultistepScheduler.from_config(
             pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
             final_sigmas_type="zero", use_karras_sigmas=False, thresholding=False)
         return "DPMSolverMultistepScheduler", dict(sched.config)
-    if step in ("ddim", "euler"):
+    if step in ("ddim", "euler", "cps"):   # CPS: the stock call adds its noise in callback_on_step_end (README)
         sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config, final_sigmas_type="zero",
                                                    use_karras_sigmas=False, timestep_spacing="leading")
         return "EulerDiscreteScheduler", dict(sched.config)

@@ -51,12 +51,15 @@ def flow_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, d
     own sigmas passed as `sigmas=` reach the pipeline unchanged (algorithms.md §0.3: a shifting scheduler would
     shift already-shifted sigmas a second time), and with `stochastic_sampling`: x0, then fresh noise at the next
     sigma, the flow form of multistep consistency sampling (`consistency_step`); without it for deterministic
-    students (step "ddim"/"euler", TDM), whose Euler step on x0 predictions is DDIM."""
+    students (step "ddim"/"euler", TDM), whose Euler step on x0 predictions is DDIM, and for CPS students (step
+    "cps:eta=..."), whose stock call turns each Euler step into the CPS step in `callback_on_step_end` (README)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
-                                                        use_dynamic_shifting=False,
-                                                        stochastic_sampling=step not in ("ddim", "euler"))
+    from fewstep.sampling.steps import parse_step
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,
+        stochastic_sampling=parse_step(step)[0] not in ("ddim", "euler", "cps"))
     return "FlowMatchEulerDiscreteScheduler", dict(sched.config)
 
 
