@@ -367,12 +367,37 @@ class MicroClipReward(_Frozen):
         return {"name": self.name, "differentiable": self.differentiable, **self.clip.describe()}
 
 
+class ClipScoreReward(_Frozen):
+    """CLIP score (Hessel et al. 2021) of an open_clip model from a local checkpoint, as a reward: ``ClipScorer``
+    with its differentiable resize / crop / normalise (``scale``: "100cos", "cos" or "2.5cos")."""
+
+    name = "clip-score"
+    differentiable = True
+
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | Path | None = None, scale: str = "100cos",
+                 prompt_prefix: str = "") -> None:
+        super().__init__()
+        path = _require_path(pretrained, f"open_clip {model_name} checkpoint", "the open_clip model card of "
+                             f"{model_name} (pass options: {{pretrained: /path/to/open_clip_model.safetensors}})")
+        self.clip = ClipScorer.from_pretrained(model_name, path, scale=scale, prompt_prefix=prompt_prefix)
+        self.freeze()
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """CLIP score (N,)."""
+        return self.clip.score(images, prompts)
+
+    def describe(self) -> dict[str, Any]:
+        """Name plus the ``ClipScorer`` description."""
+        return {"name": self.name, "differentiable": self.differentiable, **self.clip.describe()}
+
+
 REWARDS: dict[str, Callable[..., nn.Module]] = {
     "hpsv2.1": HPSv21Reward,
     "pickscore": PickScoreReward,
     "aesthetic": AestheticReward,
     "digits-class": DigitsClassReward,
     "micro-clip": MicroClipReward,
+    "clip-score": ClipScoreReward,
 }
 
 

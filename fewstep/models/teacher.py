@@ -152,10 +152,10 @@ class Teacher:
         with self._on_device("vae"):
             return self.family.encode_images(self.pipe, images, generator)
 
-    def decode(self, x0: Tensor) -> Tensor:
-        """Latents to images in [-1, 1] (the family's VAE decoding)."""
+    def decode(self, x0: Tensor, grad: bool = False) -> Tensor:
+        """Latents to images in [0, 1] (the family's VAE decoding); `grad=True` keeps the graph back to x0."""
         with self._on_device("vae"):
-            return self.family.decode(self.pipe, x0)
+            return self.family.decode(self.pipe, x0, grad)
 
     def teacher_times(self, steps: int, size: int | None = None) -> Tensor:
         s = size or self.size

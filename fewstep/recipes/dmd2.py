@@ -23,6 +23,7 @@ from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
 from fewstep.recipes.build import build_student_and_critic, dmd_student_times, inference_spec
 from fewstep.recipes.critic import FeatureTap, GanHead, feature_module, make_head
+from fewstep.recipes.reward import RewardLoss, build_reward_loss
 from fewstep.sampling.draws import Draws, Generators, randint, randn
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import renoise_step
@@ -51,13 +52,14 @@ class DMD2(Recipe):
     def __init__(self, *, student: nn.Module, student_net: nn.Module, student_params: dict[str, nn.Parameter],
                  real: nn.Module, critic: nn.Module, critic_params: dict[str, nn.Parameter], schedule: Schedule,
                  latent_shape: tuple[int, ...], config: DMD2Config, inference: InferenceSpec, critic_space: str,
-                 gan: GanParts | None = None, pairs: PairsDraw | None = None) -> None:
+                 gan: GanParts | None = None, pairs: PairsDraw | None = None,
+                 reward: RewardLoss | None = None) -> None:
         self.cfg, self.spec, self.schedule, self.shape = config, inference, schedule, tuple(latent_shape)
         self.student_net, self.student = student_net, student
         self.real, self.critic, self.critic_space = real, critic, critic_space
         self._params = {"student": student_params, "critic": dict(critic_params)}
         self.times = torch.tensor(inference.times[:-1], dtype=torch.float64)
-        self.gan, self.pairs = gan, pairs
+        self.gan, self.pairs, self.reward = gan, pairs, reward
         if gan is not None:
             self._params["critic"].update({f"gan_head.{n}": p for n, p in gan.head.named_parameters()})
 
@@ -135,6 +137,10 @@ class DMD2(Recipe):
             adv = L.through(lambda x: L.gan_generator_loss(self._critic_logits(x, batch.cond, generator)), x_gen)
             loss = loss + self.cfg.gan_generator_weight * adv
             metrics["loss/gan_generator"] = float(adv.detach())
+        if self.reward is not None:                  # reward backprop through the VAE decode of the student's x0
+            term, reward_metrics = self.reward.loss(x_gen, batch.prompts)
+            loss = loss + term
+            metrics.update(reward_metrics)
         return loss, metrics
 
     def regression(self, n: int, generator: Generators, device: torch.device) -> Tensor:
@@ -203,4 +209,6 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher) -> DMD2:
                 schedule=teacher.schedule, latent_shape=teacher.latent_shape(), config=method,
                 inference=inference_spec(cfg, teacher, "consistency", dmd_student_times), critic_space=space,
                 gan=gan_parts(sc.critic, sc.critic_net, teacher, method.gan_head_width) if use_gan else None,
-                pairs=pairs_draw(method.pairs_path, teacher) if method.regression_weight > 0 else None)
+                pairs=pairs_draw(method.pairs_path, teacher) if method.regression_weight > 0 else None,
+                reward=build_reward_loss(method.reward, method.reward_weight, method.reward_margin,
+                                         lambda x0: teacher.decode(x0, grad=True), next(teacher.net.parameters()).device))

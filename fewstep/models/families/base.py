@@ -39,7 +39,7 @@ class Family(Protocol):
 
     def encode_images(self, pipe: Any, images: Tensor, generator: Any = None) -> Tensor: ...
 
-    def decode(self, pipe: Any, x0: Tensor) -> Tensor: ...
+    def decode(self, pipe: Any, x0: Tensor, grad: bool = False) -> Tensor: ...
 
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor: ...
 
@@ -75,13 +75,14 @@ def vae_encode(vae: nn.Module, images: Tensor, sample: bool = True, generator: t
     return ((z.float() - shift) * scale)
 
 
-@torch.no_grad()
-def vae_decode(vae: nn.Module, x0: Tensor) -> Tensor:
-    """Model latents -> images in [0, 1] (float32)."""
+def vae_decode(vae: nn.Module, x0: Tensor, grad: bool = False) -> Tensor:
+    """Model latents -> images in [0, 1] (float32). `grad=True` keeps the graph from x0 through the (frozen) VAE
+    decoder, for rewards trained on (reward backprop); the clamp passes no gradient outside [0, 1]."""
     scale, shift = vae_scale(vae)
-    z = x0 / scale + shift
-    img = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
-    return (img / 2 + 0.5).clamp(0, 1)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        z = x0 / scale + shift
+        img = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
+        return (img / 2 + 0.5).clamp(0, 1)
 
 
 def vp_student_scheduler(pipe: Any, step: str = "consistency") -> tuple[str, dict]:

@@ -126,8 +126,8 @@ class FluxFamily:
     def encode_images(self, pipe: Any, images: Tensor, generator: Any = None) -> Tensor:
         return vae_encode(pipe.vae, images, generator=generator)
 
-    def decode(self, pipe: Any, x0: Tensor) -> Tensor:
-        return vae_decode(pipe.vae, x0)
+    def decode(self, pipe: Any, x0: Tensor, grad: bool = False) -> Tensor:
+        return vae_decode(pipe.vae, x0, grad)
 
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor:
         """`FluxPipeline.__call__`'s grid: sigmas = linspace(1, 1/steps, steps), dynamically shifted with `mu`

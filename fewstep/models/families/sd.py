@@ -79,8 +79,8 @@ class SDFamily:
     def encode_images(self, pipe: Any, images: Tensor, generator: Any = None) -> Tensor:
         return vae_encode(pipe.vae, images, generator=generator)
 
-    def decode(self, pipe: Any, x0: Tensor) -> Tensor:
-        return vae_decode(pipe.vae, x0)
+    def decode(self, pipe: Any, x0: Tensor, grad: bool = False) -> Tensor:
+        return vae_decode(pipe.vae, x0, grad)
 
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor:
         return vp_teacher_times(pipe, steps)

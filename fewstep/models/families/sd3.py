@@ -119,8 +119,8 @@ class SD3Family:
     def encode_images(self, pipe: Any, images: Tensor, generator: Any = None) -> Tensor:
         return vae_encode(pipe.vae, images, generator=generator)
 
-    def decode(self, pipe: Any, x0: Tensor) -> Tensor:
-        return vae_decode(pipe.vae, x0)
+    def decode(self, pipe: Any, x0: Tensor, grad: bool = False) -> Tensor:
+        return vae_decode(pipe.vae, x0, grad)
 
     def teacher_times(self, pipe: Any, steps: int, height: int, width: int) -> Tensor:
         """The pipeline's grid: default `set_timesteps(steps)` (static shift); with `use_dynamic_shifting`, `mu`

@@ -1,0 +1,55 @@
+"""Reward terms inside training (`method.reward`, `method.reward_weight`, `method.reward_margin`), torch-free: what
+a run may ask for, checked when its config loads. The models behind the names are fewstep.metrics.rewards'."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fewstep.errors import FewstepError
+
+# fewstep.metrics.rewards.REWARDS' keys (tests/test_reward_training.py keeps the two equal), plus CLIP score
+REWARD_NAMES = ("hpsv2.1", "pickscore", "aesthetic", "digits-class", "micro-clip", "clip-score")
+
+
+@dataclass
+class RewardTermConfig:
+    """One weighted reward: a registry name (`REWARD_NAMES`) or a user class as "package.module:Class" (built with
+    `options` as keyword arguments, called as reward(images [N, 3, H, W] in [0, 1], prompts) -> [N])."""
+
+    name: str = ""
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)   # constructor arguments: weight-file paths, scale, ...
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def check_reward_terms(terms: list[Any], weight: float, margin: float | None) -> None:
+    """One clear line for a term that cannot be built: an unknown name, a module that is not importable, a weight
+    that is not a finite number, or a reward weight without any term."""
+    if not math.isfinite(weight) or weight < 0:
+        raise FewstepError(f"method.reward_weight must be a finite number >= 0 (got {weight})")
+    if margin is not None and not math.isfinite(margin):
+        raise FewstepError(f"method.reward_margin must be a finite number or null (got {margin})")
+    if weight > 0 and not terms:
+        raise FewstepError("method.reward_weight > 0 needs at least one reward: method.reward=[{name: digits-class}] "
+                           f"(names: {', '.join(REWARD_NAMES)}, or package.module:Class)")
+    for i, term in enumerate(terms):
+        where = f"method.reward[{i}]"
+        if not math.isfinite(term.weight):
+            raise FewstepError(f"{where}.weight must be a finite number (got {term.weight})")
+        if is_import_path(term.name):
+            module, _, cls = term.name.partition(":")
+            try:
+                found = bool(module) and bool(cls) and importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise FewstepError(f"{where}.name={term.name!r}: module {module!r} is not importable; give "
+                                   "package.module:Class of an installed module")
+        elif term.name not in REWARD_NAMES:
+            raise FewstepError(f"{where}.name={term.name!r} is not a reward; choose one of "
+                               f"{', '.join(REWARD_NAMES)} or give package.module:Class")
