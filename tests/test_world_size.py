@@ -30,6 +30,12 @@ RECIPES = {
              "student.lora.alpha=2", "method.critic_rank=2", "method.critic_alpha=2", "student.lora.targets=[]",
              "method.critic_steps_per_student_step=2", "method.gan_generator_weight=0.01",
              "method.gan_critic_weight=0.01", "train.lr=1e-3"],
+    # AC-DMD: CPS rollouts with a random stop (one choice for the global batch), per-sample renoising and CPS
+    # noise, the consistency regulariser's two extra transitions; LoRA student and fake score on one base
+    "rtdmd_cold": ["recipe=rtdmd_cold", "train.steps=4", "student.mode=lora", "method.critic_mode=lora",
+                   "student.lora.rank=2", "student.lora.alpha=2", "method.critic_rank=2", "method.critic_alpha=2",
+                   "student.lora.targets=[]", "method.critic_steps_per_student_step=2", "train.lr=1e-3",
+                   "train.ema_decay=0"],
 }
 
 

@@ -219,3 +219,17 @@ def naive_subinterval_target(x_t: Tensor, x_s: Tensor, t: Tensor | float, schedu
     a_t, s_t = (bcast(v.double(), x_t.double()) for v in schedule.alpha_sigma(
         torch.as_tensor(t, dtype=torch.float64, device=x_t.device)))
     return from_x0(x_s.double(), x_t.double(), a_t, s_t, kind).float()
+
+
+def ambient_consistency(h_anchor: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
+    """AC-DMD's consistency regulariser on the fake score (RTDMD; algorithms.md §6.3): mean((h1 - a)(h2 - a)) for
+    two independent samples h1, h2 of the fake's x0 after one CPS transition and its x0 `h_anchor` = a before it,
+    an unbiased estimate of ||E[h | x_t] - a||^2 (the posterior mean is a martingale along its reverse process).
+    Non-finite entries become 0, as in the official code."""
+    return torch.nan_to_num((h1.float() - h_anchor.float()) * (h2.float() - h_anchor.float())).mean()
+
+
+def capped_inverse_weight(b: Tensor, cap: float) -> Tensor:
+    """RTDMD's "move_scale_out" weight of the subinterval fake-score loss: clamp(1/b^2, 0, cap) on b-scaled
+    prediction and target equals min(1, cap b^2) on the plain ones (algorithms.md §6.7 test 2)."""
+    return torch.clamp(cap * b.double() ** 2, max=1.0).float()

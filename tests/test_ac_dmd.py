@@ -1,0 +1,100 @@
+"""RTDMD stage 1, AC-DMD (`recipe=rtdmd_cold`; algorithms.md §6.3, §6.7 tests 2-4): the CPS-projection identity,
+the consistency estimator, the capped subinterval weight, and the recipe end to end on the flow toy teacher with
+its CPS export reproduced by the stock SD3 pipeline (the callback recipe of tests/test_cps.py)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fewstep.diffusion.forward import diffuse  # noqa: E402
+from fewstep.diffusion.schedule import RectifiedFlow  # noqa: E402
+from fewstep.recipes import losses as L  # noqa: E402
+from fewstep.sampling.steps import cps_step  # noqa: E402
+
+
+def test_cps_projection_gap_identity():
+    """xs_T - xs_F = (v_T - v_F) [s cos(theta) (1 - t) - (1 - s) t] with the same CPS noise: the noise cancels."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps, z, x0_t, x0_f = (torch.randn(16, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(5))
+    t, s, eta = 0.8, 0.35, 0.9
+    tb, sb = torch.full((16,), t, dtype=torch.float64), torch.full((16,), s, dtype=torch.float64)
+    x_t = diffuse(x0, tb, RectifiedFlow(), eps)
+    project = lambda x0hat: cps_step(x_t, x0hat, tb, sb, RectifiedFlow(), noise_fn=lambda *a: z, eta=eta)  # noqa: E731
+    v_t, v_f = (x_t - x0_t) / t, (x_t - x0_f) / t                      # flow velocities of the two x0 estimates
+    want = (v_t - v_f) * (s * math.cos(eta * math.pi / 2) * (1 - t) - (1 - s) * t)
+    torch.testing.assert_close(project(x0_t) - project(x0_f), want, atol=1e-6, rtol=1e-6)
+
+
+def test_consistency_estimator_is_unbiased():
+    """E[(h1 - a)(h2 - a)] = (E h - a)^2 for independent h1, h2 (Monte Carlo)."""
+    g = torch.Generator().manual_seed(1)
+    mu, a, sd = 0.3, -0.4, 1.5
+    h1, h2 = (mu + sd * torch.randn(400_000, generator=g, dtype=torch.float64) for _ in range(2))
+    est = L.ambient_consistency(torch.full_like(h1, a), h1, h2)
+    assert float(est) == pytest.approx((mu - a) ** 2, abs=0.02)
+    same = L.ambient_consistency(torch.full_like(h1, a), h1, h1)   # one sample twice: biased up by its variance
+    assert float(same) > (mu - a) ** 2 + sd**2 * 0.9
+
+
+def test_move_scale_out_weight_identity():
+    """clamp(1/b^2, 0, 10) ||b v - b v*||^2 == min(1, 10 b^2) ||v - v*||^2."""
+    b = torch.tensor([0.05, 0.2, 0.3162, 0.5, 0.9], dtype=torch.float64)
+    v, v_star = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    lhs = torch.clamp(1 / b**2, 0, 10) * ((b[:, None] * v - b[:, None] * v_star) ** 2).mean(1)
+    rhs = L.capped_inverse_weight(b, 10.0).double() * ((v - v_star) ** 2).mean(1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_settings_are_refused(tmp_path, capsys):
+    from fewstep.cli import main
+
+    for override, message in [("method.eta=1.5", "method.eta must lie in [0, 1]"),
+                              ("method.eta=0", "needs method.eta > 0")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["distill", "recipe=rtdmd_cold", f"output_dir={tmp_path / 'x'}", override])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trains_and_the_stock_pipeline_reproduces_its_cps_export(tmp_path: Path):
+    import diffusers
+    from test_cps import StockCPS
+
+    from fewstep.distill import run
+    from fewstep.export import load_export
+    from fewstep.models.teacher import load_pipeline
+    from fewstep.sampling.engine import initial_noise, seed_generators
+    from fewstep.sampling.generate import generate_latents
+
+    out = tmp_path / "run"
+    run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={out}", "train.steps=3", "data.batch_size=2",
+         "method.critic_steps_per_student_step=1", "train.lr=1e-2", "train.ema_decay=0", "sample.grid_size=2",
+         "train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=1"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/critic"]) and math.isfinite(r["loss/student"]) for r in rows)
+    assert {r["rollout_steps"] for r in rows} <= {1.0, 2.0, 3.0, 4.0}
+    export = out / "export"
+    meta = json.loads((export / "fewstep.json").read_text())
+    assert meta["recipe"] == "rtdmd_cold" and meta["step"] == "cps:eta=0.9" and meta["step_options"] == {"eta": 0.9}
+    bundle, spec, _ = load_export(export)
+    prompts, seeds = ["a handwritten digit 3", "a handwritten digit 7"], [11, 12]
+    grid = torch.tensor(spec.times, dtype=torch.float64)
+    ours = generate_latents(bundle, bundle.denoiser(), bundle.net, prompts, seeds, grid, spec.step, 1.0)
+    pipe = load_pipeline(str(export))
+    pipe.scheduler = getattr(diffusers, meta["scheduler"]["class"]).from_config(meta["scheduler"]["config"])
+    teacher = load_pipeline("toy-digits-sd3")
+    teacher.scheduler = pipe.scheduler
+    stock, base = [], []
+    for prompt, seed in zip(prompts, seeds):
+        for p, dest in ((pipe, stock), (teacher, base)):
+            gen = seed_generators([seed])[0]
+            latents = initial_noise((1, 4, 8, 8), [gen])
+            dest.append(p(prompt, latents=latents, output_type="latent", **meta["pipeline_kwargs"],
+                          callback_on_step_end=StockCPS(latents, gen, meta["step_options"]["eta"], True)).images)
+    torch.testing.assert_close(ours, torch.cat(stock), atol=1e-4, rtol=1e-4)
+    assert (torch.cat(stock) - torch.cat(base)).abs().max() > 1e-2   # the student moved off the teacher
