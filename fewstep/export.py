@@ -18,7 +18,7 @@ from torch import nn
 from fewstep.errors import FewstepError
 from fewstep.models.adapters import expert_network
 from fewstep.models.student import has_lora, lora_config_dict
-from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.models.teacher import Teacher, load_teacher, quiet_hub_libraries
 from fewstep.models.families.base import recorded_call_defaults
 from fewstep.paths import CALL_DEFAULTS_KEY, EXPORT_MARK, PIPELINE_INDEX, SIDECAR, read_sidecar, staged_output
 from fewstep.recipes.base import InferenceSpec
@@ -105,7 +105,9 @@ def save_full_pipeline(teacher: Teacher, net: nn.Module | None, sched_name: str,
     components["scheduler"] = getattr(diffusers, sched_name).from_config(sched_config)
     if "requires_safety_checker" in pipe.config:   # keep the teacher's setting (the default True warns on None)
         components["requires_safety_checker"] = pipe.config.requires_safety_checker
-    type(pipe)(**components).save_pretrained(str(out), safe_serialization=True)
+    # an empty slot (SD3 without T5, a phased export's network) makes diffusers warn that None "cannot be saved"
+    with quiet_hub_libraries(warnings=all(v is not None for v in components.values())):
+        type(pipe)(**components).save_pretrained(str(out), safe_serialization=True)
     index = out / PIPELINE_INDEX      # mark the folder, so it is never taken for a teacher if fewstep.json is lost
     recorded = {CALL_DEFAULTS_KEY: calls} if (calls := recorded_call_defaults(pipe)) else {}
     index.write_text(json.dumps({**json.loads(index.read_text()), EXPORT_MARK: SIDECAR, **recorded}, indent=2,

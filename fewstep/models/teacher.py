@@ -27,31 +27,45 @@ def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device 
     (diffusers' `torch_dtype=` is deprecated) and the diffusers and transformers loading progress bars off for the
     call, each put back as it was afterwards."""
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     source = resolve_pretrained(spec)
     index = _local_index(source)
     components = {**empty_slots(index), **components}
-    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in bars:
-        lib.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=hub_offline(),
-                                                 use_safetensors=True, **components)
+        with quiet_hub_libraries():
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=hub_offline(),
+                                                     use_safetensors=True, **components)
     except OSError as exc:
         reason = str(exc).splitlines()[0]
         fix = ("; fewstep reads safetensors weights only: re-save the pipeline with "
                "save_pretrained(..., safe_serialization=True)") if ".safetensors" in reason else ""
         raise FewstepError(f"cannot load pipeline {spec!r}: {reason}{fix}") from exc
-    finally:
-        for lib, enabled in bars:
-            if enabled:
-                lib.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     if index.get(CALL_DEFAULTS_KEY):
         setattr(pipe, CALL_DEFAULTS_ATTR, dict(index[CALL_DEFAULTS_KEY]))
     return pipe.to(device)
+
+
+@contextmanager
+def quiet_hub_libraries(warnings: bool = True) -> Iterator[None]:
+    """The diffusers and transformers progress bars off for the block (loading and saving a pipeline print one per
+    component), and with `warnings=False` diffusers' warnings too; each put back as it was afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    level = diffusers_logging.get_verbosity()
+    for lib, _ in bars:
+        lib.disable_progress_bar()
+    if not warnings:
+        diffusers_logging.set_verbosity(max(level, diffusers_logging.ERROR))
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _local_index(source: str) -> dict[str, Any]:
