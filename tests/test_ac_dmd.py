@@ -98,3 +98,36 @@ def test_trains_and_the_stock_pipeline_reproduces_its_cps_export(tmp_path: Path)
                           callback_on_step_end=StockCPS(latents, gen, meta["step_options"]["eta"], True)).images)
     torch.testing.assert_close(ours, torch.cat(stock), atol=1e-4, rtol=1e-4)
     assert (torch.cat(stock) - torch.cat(base)).abs().max() > 1e-2   # the student moved off the teacher
+
+
+def test_stage_two_trains_from_a_stage_one_export(tmp_path: Path):
+    """recipe=rtdmd from a (1-step) stage-1 full export: the rollout's rewards give advantages, PPO, the AC-DMD
+    auxiliary term and reward backprop all train the fresh LoRA, and the export samples with CPS."""
+    from fewstep.distill import run
+
+    quiet = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
+             "train.log_every=1"]
+    stage1 = tmp_path / "stage1"
+    run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={stage1}", "train.steps=1", "data.batch_size=2",
+         "train.ema_decay=0", *quiet])
+    out = tmp_path / "stage2"
+    run(["recipe=rtdmd", "model=toy-digits-sd3", f"teacher.pretrained={stage1 / 'export'}", f"output_dir={out}",
+         "train.steps=2", "data.batch_size=4", "method.group_size=2", "student.lora.init_scale=0.3", *quiet])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss/student", "loss/critic", "loss/ppo", "loss/aux", "loss/bp"))
+        assert r["reward/digits-class"] <= 0 and r["advantage_abs"] > 0
+    meta = json.loads((out / "export" / "fewstep.json").read_text())
+    assert meta["recipe"] == "rtdmd" and meta["step"] == "cps:eta=0.9" and meta["lora"] is not None
+    assert meta["teacher"].endswith("stage1/export")     # the stage-2 LoRA loads onto the stage-1 pipeline
+
+
+def test_stage_two_refuses_a_real_teacher_of_another_kind(tmp_path: Path, capsys):
+    from fewstep.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "recipe=rtdmd", "model=toy-digits-sd3", "teacher.pretrained=toy-digits-sd3",
+              "method.real_teacher_path=toy-digits", f"output_dir={tmp_path / 'x'}", "train.progress=false"])
+    assert exc.value.code == 2
+    assert "point method.real_teacher_path at the original teacher" in capsys.readouterr().err

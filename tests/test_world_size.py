@@ -36,11 +36,17 @@ RECIPES = {
                    "student.lora.rank=2", "student.lora.alpha=2", "method.critic_rank=2", "method.critic_alpha=2",
                    "student.lora.targets=[]", "method.critic_steps_per_student_step=2", "train.lr=1e-3",
                    "train.ema_decay=0"],
+    # RTDMD stage 2: prompt groups of 2 (whole groups on each process), prompt-seeded shared noise, the SubGRPO
+    # step choice, advantages with the gathered global std, PPO + AC-DMD aux + reward backprop (digits-class)
+    "rtdmd": ["recipe=rtdmd", "train.steps=3", "student.mode=lora", "method.critic_mode=lora", "student.lora.rank=2",
+              "student.lora.alpha=2", "method.critic_rank=2", "method.critic_alpha=2", "student.lora.targets=[]",
+              "method.group_size=2", "train.lr=1e-3"],
 }
 
 
 def run(teacher: Path, out: Path, recipe: str, processes: int, batch: int) -> None:
     args = [str(ROOT / "scripts" / "distill.py"), *RECIPES[recipe], f"teacher.pretrained={teacher}",
+            *([f"method.real_teacher_path={teacher}"] if recipe == "rtdmd" else []),
             f"output_dir={out}", f"data.batch_size={batch}", "train.log_every=1", "train.sample_every=0",
             "train.checkpoint_every=0", "sample.grid_size=2", "train.progress=false"]
     cmd = [*LAUNCH, "--main_process_port", free_port(), *args] if processes > 1 else [sys.executable, *args]

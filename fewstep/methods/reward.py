@@ -27,15 +27,17 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def check_reward_terms(terms: list[Any], weight: float, margin: float | None) -> None:
+def check_reward_terms(terms: list[Any], weight: float, margin: float | None, weight_key: str = "reward_weight",
+                       margin_key: str = "reward_margin") -> None:
     """One clear line for a term that cannot be built: an unknown name, a module that is not importable, a weight
-    that is not a finite number, or a reward weight without any term."""
+    that is not a finite number, or a reward weight without any term (`weight_key`, `margin_key`: the settings'
+    names under method.)."""
     if not math.isfinite(weight) or weight < 0:
-        raise FewstepError(f"method.reward_weight must be a finite number >= 0 (got {weight})")
+        raise FewstepError(f"method.{weight_key} must be a finite number >= 0 (got {weight})")
     if margin is not None and not math.isfinite(margin):
-        raise FewstepError(f"method.reward_margin must be a finite number or null (got {margin})")
+        raise FewstepError(f"method.{margin_key} must be a finite number or null (got {margin})")
     if weight > 0 and not terms:
-        raise FewstepError("method.reward_weight > 0 needs at least one reward: method.reward=[{name: digits-class}] "
+        raise FewstepError(f"method.{weight_key} > 0 needs at least one reward: method.reward=[{{name: digits-class}}] "
                            f"(names: {', '.join(REWARD_NAMES)}, or package.module:Class)")
     for i, term in enumerate(terms):
         where = f"method.reward[{i}]"

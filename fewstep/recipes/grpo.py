@@ -75,10 +75,31 @@ def keep_nonzero(advantages: Tensor, multiple: int) -> Tensor:
     return kept[: len(kept) - len(kept) % multiple] if len(kept) % multiple else kept
 
 
-def ppo_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip_range: float = 1e-5) -> Tensor:
-    """The clipped PPO surrogate mean(max(-A r, -A clip(r, 1 - c, 1 + c))), r = exp(logp_new - logp_old) (Schulman
+def ppo_terms(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip_range: float = 1e-5) -> Tensor:
+    """Per-sample clipped PPO surrogate max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(logp_new - logp_old) (Schulman
     et al. 2017, Eq. 7; algorithms.md §6.4). With CPS's unnormalised log-probability the ratios stay within about
     1 +- 1e-5, which the official clip range of 1e-5 is tuned to."""
     ratio = torch.exp(logp_new - logp_old.detach())
     adv = advantages.detach()
-    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+
+
+def ppo_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip_range: float = 1e-5) -> Tensor:
+    """The batch mean of `ppo_terms`."""
+    return ppo_terms(logp_new, logp_old, advantages, clip_range).mean()
+
+
+def group_leaders(n: int, group_size: int) -> Tensor:
+    """Row i of a batch takes the prompt of row (i // K) K: consecutive groups of K rows share a prompt. Batches
+    are a multiple of K on every process, so groups never straddle processes and stay the same for any split."""
+    if n % group_size:
+        raise ValueError(f"a batch of {n} is not a multiple of the group size {group_size}")
+    return torch.arange(n) // group_size * group_size
+
+
+def local_advantages(rewards: Tensor, group_size: int, global_std: float, clip: float = 5.0,
+                     eps: float = 1e-4) -> Tensor:
+    """`group_advantages` for a process's own rows when its groups are whole (`group_leaders`): the group means
+    are local and only the std is global (gathered by the caller)."""
+    r = rewards.double().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (global_std + eps)).clamp(-clip, clip).flatten().float()
