@@ -34,7 +34,8 @@ def hub_offline() -> bool:
 
 
 def resolve_pretrained(spec: str, role: str = "teacher") -> str:
-    """A builtin name, a local pipeline folder, or a hub id (refused while offline, with the fix)."""
+    """A builtin name, a local pipeline folder, a LoRA export (loaded as its teacher with the adapter fused), or a
+    hub id (refused while offline, with the fix)."""
     if spec in BUILTIN:
         path = BUILTIN[spec]
         if not (path / PIPELINE_INDEX).is_file():
@@ -44,6 +45,10 @@ def resolve_pretrained(spec: str, role: str = "teacher") -> str:
         return str(path)
     path = Path(spec).expanduser()
     if path.exists():
+        meta = read_sidecar(path) if not (path / PIPELINE_INDEX).is_file() else None
+        if meta is not None and meta.get("lora") and not meta.get("experts"):
+            resolve_pretrained(str(meta["teacher"]), role)   # a LoRA export: its base teacher must resolve too
+            return str(path)
         if not (path / PIPELINE_INDEX).is_file():
             raise FewstepError(f"{role} {spec} is not a Diffusers pipeline folder (no {PIPELINE_INDEX}){_hint(path)}")
         return str(path)

@@ -100,16 +100,25 @@ def test_trains_and_the_stock_pipeline_reproduces_its_cps_export(tmp_path: Path)
     assert (torch.cat(stock) - torch.cat(base)).abs().max() > 1e-2   # the student moved off the teacher
 
 
-def test_stage_two_trains_from_a_stage_one_export(tmp_path: Path):
-    """recipe=rtdmd from a (1-step) stage-1 full export: the rollout's rewards give advantages, PPO, the AC-DMD
-    auxiliary term and reward backprop all train the fresh LoRA, and the export samples with CPS."""
+@pytest.mark.parametrize("stage1_mode", ["full", "lora"])
+def test_stage_two_trains_from_a_stage_one_export(stage1_mode: str, tmp_path: Path):
+    """recipe=rtdmd from a (1-step) stage-1 export, full or LoRA (fused into the teacher when loaded): the rollout's
+    rewards give advantages, PPO, the AC-DMD auxiliary term and reward backprop all train the fresh LoRA, and the
+    export samples with CPS on top of the stage-1 network."""
     from fewstep.distill import run
+    from fewstep.export import load_export
+    from fewstep.models.teacher import load_teacher
 
     quiet = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
              "train.log_every=1"]
     stage1 = tmp_path / "stage1"
+    lora = ["method.critic_mode=lora", "student.lora.init_scale=0.3"] if stage1_mode == "lora" else []
     run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={stage1}", "train.steps=1", "data.batch_size=2",
-         "train.ema_decay=0", *quiet])
+         "train.ema_decay=0", "train.lr=1e-2", f"student.mode={stage1_mode}", *lora, *quiet])
+    base = load_teacher(str(stage1 / "export")).net
+    original = load_teacher("toy-digits-sd3").net
+    assert not hasattr(base, "peft_config") or not base.peft_config        # fused, no adapter layers left
+    assert max(float((a - b).abs().max()) for a, b in zip(base.parameters(), original.parameters())) > 1e-3
     out = tmp_path / "stage2"
     run(["recipe=rtdmd", "model=toy-digits-sd3", f"teacher.pretrained={stage1 / 'export'}", f"output_dir={out}",
          "train.steps=2", "data.batch_size=4", "method.group_size=2", "student.lora.init_scale=0.3", *quiet])
@@ -121,6 +130,8 @@ def test_stage_two_trains_from_a_stage_one_export(tmp_path: Path):
     meta = json.loads((out / "export" / "fewstep.json").read_text())
     assert meta["recipe"] == "rtdmd" and meta["step"] == "cps:eta=0.9" and meta["lora"] is not None
     assert meta["teacher"].endswith("stage1/export")     # the stage-2 LoRA loads onto the stage-1 pipeline
+    student, _, _ = load_export(out / "export")
+    assert student.family.name == "sd3" and student.latent_shape() == (4, 8, 8)
 
 
 def test_stage_two_refuses_a_real_teacher_of_another_kind(tmp_path: Path, capsys):

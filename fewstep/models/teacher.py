@@ -15,7 +15,7 @@ from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Cond, Denoiser
 from fewstep.models.families import family_for
 from fewstep.models.families.base import CALL_DEFAULTS_ATTR, Family
-from fewstep.paths import CALL_DEFAULTS_KEY, PIPELINE_INDEX, hub_offline, resolve_pretrained
+from fewstep.paths import CALL_DEFAULTS_KEY, PIPELINE_INDEX, hub_offline, read_sidecar, resolve_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,6 +29,10 @@ def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device 
     from diffusers import DiffusionPipeline
 
     source = resolve_pretrained(spec)
+    folder = Path(source)
+    meta = read_sidecar(folder) if folder.is_dir() and not (folder / PIPELINE_INDEX).is_file() else None
+    if meta is not None:                                   # a LoRA export (resolve_pretrained admits no other kind)
+        return fused_lora_pipeline(source, meta, dtype, device, **components)
     index = _local_index(source)
     components = {**empty_slots(index), **components}
     try:
@@ -44,6 +48,21 @@ def load_pipeline(spec: str, dtype: str = "float32", device: str | torch.device 
     if index.get(CALL_DEFAULTS_KEY):
         setattr(pipe, CALL_DEFAULTS_ATTR, dict(index[CALL_DEFAULTS_KEY]))
     return pipe.to(device)
+
+
+def fused_lora_pipeline(source: str, meta: dict[str, Any], dtype: str, device: str | torch.device,
+                        **components: Any) -> Any:
+    """A LoRA export as a pipeline: the teacher it names with the adapter fused into the network (diffusers'
+    `fuse_lora`, then the adapter layers removed), e.g. a stage-1 RTDMD student as the base of stage 2."""
+    from fewstep.models.lora import load_lora
+
+    pipe = load_pipeline(str(meta["teacher"]), dtype, device, **components)
+    family = family_for(pipe)
+    load_lora(family, pipe, source)
+    net = getattr(pipe, family.net_attr)
+    net.fuse_lora()
+    net.unload_lora()
+    return pipe
 
 
 @contextmanager
