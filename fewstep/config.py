@@ -57,6 +57,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8              # AdamW's epsilon (its first step is lr * g / (|g| + eps): a sign step)
     lr_schedule: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
     warmup_steps: int = 0
     grad_clip: float = 1.0
@@ -247,7 +248,7 @@ AT_LEAST: dict[str, float] = {
     "train.keep_checkpoints": 0, "teacher.resolution": 0, "train.weight_decay": 0,
     "train.grad_clip": 0, "sample.guidance_scale": 1,
 }
-POSITIVE = ("train.lr", "student.lora.alpha")
+POSITIVE = ("train.lr", "train.adam_eps", "student.lora.alpha")
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -124,7 +124,7 @@ def test_backward_simulation_input_is_the_inference_state(teacher_dir: Path, tmp
     torch.testing.assert_close(seen["t"].double(), recipe.times[k].expand(len(x)))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", pytest.param("flux", marks=pytest.mark.slow)])   # flux: 30 s
 def test_three_steps_per_family_and_export(family: str, tmp_path: Path):
     import tiny_pipelines
 

@@ -108,7 +108,7 @@ def prompt_batch(n: int, x0: Tensor | None = None) -> Batch:
 def fit(recipe: Recipe, batch: Callable[[int, torch.Generator], Batch], steps: int, lr: float, betas: tuple[float, float] = (0.0, 0.99),
         schedule: str = "cosine", seed: int = 0) -> None:
     """`steps` iterations of the trainer's own optimizer step (fewstep.train.step)."""
-    train = SimpleNamespace(lr=lr, betas=betas, weight_decay=0.0, lr_schedule=schedule, warmup_steps=0, steps=steps,
+    train = SimpleNamespace(lr=lr, betas=betas, adam_eps=1e-8, weight_decay=0.0, lr_schedule=schedule, warmup_steps=0, steps=steps,
                             grad_clip=0.0, gradient_accumulation_steps=1)
     optim, gen = RoleOptimizers(recipe, train, Accelerator(cpu=True)), torch.Generator().manual_seed(seed)
     draws = Draws.from_generator(gen)
@@ -289,7 +289,7 @@ def test_phased_dmd_matches_a_gaussian_target_in_both_phases():
     assert abs(mean_0) <= 0.15 and abs(std_0) <= 0.12, (mean_0, std_0)
 
 
-@pytest.mark.parametrize("loss,std_tol", [("l2", 0.05), ("huber", 0.25)])
+@pytest.mark.parametrize("loss,std_tol", [("l2", 0.05), pytest.param("huber", 0.25, marks=pytest.mark.slow)])  # 25 s each
 def test_tdm_matches_a_gaussian_target(loss, std_tol):
     """TDM (§5) data-free: 4-step deterministic DDIM student on the flow table (K_T = 1000: times 0.999, 0.749,
     0.499, 0.249), separate intervals, importance weight on, the fake score (exact affine family) trained on the

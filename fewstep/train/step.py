@@ -160,7 +160,7 @@ def check_engine(accelerator: Any, networks: list[nn.Module], params: dict[str, 
 
 
 class RoleOptimizers:
-    """AdamW + LR schedule per role of `recipe`, from the run's `train` settings (lr, betas, weight_decay,
+    """AdamW + LR schedule per role of `recipe`, from the run's `train` settings (lr, betas, adam_eps, weight_decay,
     lr_schedule, warmup_steps, steps, grad_clip, gradient_accumulation_steps) and the recipe's per-role overrides,
     prepared with the role networks by `accelerator`. A prepared network that came back wrapped (DDP) is routed:
     every denoiser around it calls the wrapper, so its forward passes arm the gradient all-reduce."""
@@ -178,7 +178,8 @@ class RoleOptimizers:
         for role, named in self.params.items():     # captured once: roles may share a net
             if not named:
                 raise FewstepError(f"role {role!r} has no trainable parameters; check student.mode / LoRA targets")
-            settings = {"lr": train.lr, "betas": tuple(train.betas), "weight_decay": train.weight_decay,
+            settings = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.adam_eps,
+                        "weight_decay": train.weight_decay,
                         **recipe.optimizer_settings(role)}
             self.optimizers[role] = torch.optim.AdamW(list(named.values()), **settings)
             self.schedulers[role] = get_scheduler(train.lr_schedule, self.optimizers[role],
