@@ -2,7 +2,9 @@
 UNet, or toy-digits-sd3, the rectified-flow SD3 transformer), scored with fid[digits-cnn] and
 fid[digits-mlp] (two independent digits feature spaces: a CNN and an MLP trained on different splits), class
 accuracy and per-class diversity, timed per image, written to docs/results.md by this script only. A "student
-beats teacher" statement stands only where both FIDs agree.
+beats teacher" statement stands only where both FIDs agree. `--rewards` adds each named reward's mean over the
+images (e.g. digits-class, the log-probability of the prompted digit that RTDMD trains on, and micro-clip, a scorer
+it does not train on, to catch reward hacking).
 
     python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
     python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
@@ -16,7 +18,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ import torch
 from fewstep.data.digits import class_balanced_prompts, parse_digit
 from fewstep.export import load_export
 from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, digits_mlp_fid, score_digits
+from fewstep.metrics.rewards import RewardFn, build_reward
 from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_images
@@ -41,10 +44,24 @@ class Row:
     sec_per_image: float
     n: int
     fid_mlp: float = float("nan")   # fid[digits-mlp]; `fid` is fid[digits-cnn]
+    rewards: dict[str, float] = field(default_factory=dict)   # reward name -> mean over the n images
 
 
-def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int, grid_dir: Path | None) -> Row:
-    """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it, save a 10x10 grid."""
+def mean_rewards(images: torch.Tensor, prompts: list[str], rewards: dict[str, RewardFn],
+                 batch_size: int = 250) -> dict[str, float]:
+    """Each reward's mean over the images (scored in batches, no gradients)."""
+    out = {}
+    for name, reward in rewards.items():
+        scores = [reward(images[i:i + batch_size], prompts[i:i + batch_size]).float()
+                  for i in range(0, len(images), batch_size)]
+        out[name] = float(torch.cat(scores).mean())
+    return out
+
+
+def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int, grid_dir: Path | None,
+             rewards: dict[str, RewardFn] | None = None) -> Row:
+    """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it (and each reward), save a 10x10
+    grid."""
     prompts = class_balanced_prompts(n)
     labels = [parse_digit(p) for p in prompts]
     net = teacher.net
@@ -58,7 +75,7 @@ def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int
         order = sorted(range(min(n, 100)), key=lambda i: labels[i])
         save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
     return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity,
-               seconds / n, n, digits_mlp_fid(images))
+               seconds / n, n, digits_mlp_fid(images), mean_rewards(images, prompts, rewards or {}))
 
 
 def slug(name: str) -> str:
@@ -72,13 +89,15 @@ def sampler_name(teacher: Teacher) -> str:
 
 
 def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: int, seed: int,
-                 grid_dir: Path | None) -> list[Row]:
+                 grid_dir: Path | None, rewards: dict[str, RewardFn] | None = None) -> list[Row]:
     name = sampler_name(teacher)
     return [evaluate(f"teacher {name} {k} steps, w={w:g}", teacher, InferenceSpec(
-        [float(t) for t in teacher.teacher_times(k)], "ddim", w), n, seed, grid_dir) for k in steps for w in guidances]
+        [float(t) for t in teacher.teacher_times(k)], "ddim", w), n, seed, grid_dir, rewards)
+        for k in steps for w in guidances]
 
 
-def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None) -> list[Row]:
+def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None,
+                 rewards: dict[str, RewardFn] | None = None) -> list[Row]:
     """The export at its own step count (empty `steps`) or at each given count."""
     student, spec, meta = load_export(export)
     steps = steps or [len(spec.times) - 1]
@@ -86,25 +105,28 @@ def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, 
     for k in steps:
         at_k = spec if k == len(spec.times) - 1 else replace(spec, times=[float(t) for t in student.student_times(k)])
         rows.append(evaluate(f"{label} student {k} steps, w={spec.guidance_scale:g}", student, at_k, n, seed,
-                             grid_dir))
+                             grid_dir, rewards))
     return rows
 
 
 def markdown(rows: list[Row], command: str, n: int) -> str:
     base = next((r for r in rows if re.match(r"teacher \w+ 50 steps", r.name)), None)
+    names = list(rows[0].rewards) if rows else []
     lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | {MLP_METRIC_NAME} ↓ | class acc ↑ | diversity (1 = real) | "
-             "s / image | speedup vs 50 steps |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             + "".join(f"{k} ↑ | " for k in names) + "s / image | speedup vs 50 steps |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
     for r in rows:
         speed = f"{base.sec_per_image / r.sec_per_image:.1f}×" if base else "–"
         lines.append(f"| {r.name} | {r.steps} | {r.fid:.2f} | {r.fid_mlp:.2f} | {r.accuracy:.3f} | {r.diversity:.2f} | "
-                     f"{r.sec_per_image * 1000:.2f} ms | {speed} |")
+                     + "".join(f"{r.rewards[k]:.3f} | " for k in names)
+                     + f"{r.sec_per_image * 1000:.2f} ms | {speed} |")
     env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} threads")
     return "\n".join([f"Written by `{command}` ({time.strftime('%Y-%m-%d')}; {env}). N = {n} images per row, "
                       f"class-balanced prompts, seeds 0..{n - 1}; {METRIC_NAME} and {MLP_METRIC_NAME} (independent "
                       "classifiers: CNN and MLP, trained on different splits) against all 1797 real digits; a row "
-                      "beats another only where both FIDs agree.", "",
+                      "beats another only where both FIDs agree." + (f" Reward columns: each reward's mean over the "
+                                                                      f"row's images ({', '.join(names)})." if names else ""), "",
                       *lines, ""])
 
 
@@ -136,15 +158,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--section", default="toy-lcm", help="section of docs/results.md to (re)write")
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--grids", default="docs/img", help="folder for one 10x10 grid per row ('' = none)")
+    p.add_argument("--rewards", default="", help="comma-separated reward names (fewstep's registry, e.g. "
+                   "digits-class,micro-clip): a column of each one's mean per row")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     grid_dir = Path(args.grids) if args.grids else None
+    rewards = {name: build_reward(name) for name in args.rewards.split(",") if name}
     teacher = load_teacher(args.teacher)
     rows = teacher_rows(teacher, _ints(args.teacher_steps), _floats(args.teacher_guidance), args.num_images,
-                        args.seed, grid_dir)
+                        args.seed, grid_dir, rewards)
     for spec in args.student:
         label, _, path = spec.partition("=")
-        rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir)
+        rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir,
+                             rewards)
     command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = markdown(rows, command.strip(), args.num_images)
     print(body)
