@@ -17,6 +17,7 @@ def test_reward_columns_are_the_rewards_means(tmp_path: Path):
     results = tmp_path / "results.md"
     rows = main(["--teacher", "toy-digits", "--teacher-steps", "2", "--teacher-guidance", "2,1", "-n", "30",
                  "--results", str(results), "--grids", "", "--section", "t", "--rewards", "digits-class,micro-clip"])
+    assert torch.is_grad_enabled()   # main's no_grad is scoped: later tests in this process still train
     text = results.read_text()
     assert "| digits-class ↑ | micro-clip ↑ |" in text and "Reward columns" in text
     assert [list(r.rewards) for r in rows] == [["digits-class", "micro-clip"]] * 2

@@ -161,7 +161,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--rewards", default="", help="comma-separated reward names (fewstep's registry, e.g. "
                    "digits-class,micro-clip): a column of each one's mean per row")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
+        rows = all_rows(args)
+    command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    body = markdown(rows, command.strip(), args.num_images)
+    print(body)
+    write_section(Path(args.results), args.section, body)
+    Path(args.results).with_suffix(".json").write_text(json.dumps(
+        {**_load_json(Path(args.results).with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
+    return rows
+
+
+def all_rows(args: argparse.Namespace) -> list[Row]:
+    """The teacher's rows, then each student's, for the parsed command line."""
     grid_dir = Path(args.grids) if args.grids else None
     rewards = {name: build_reward(name) for name in args.rewards.split(",") if name}
     teacher = load_teacher(args.teacher)
@@ -171,12 +183,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         label, _, path = spec.partition("=")
         rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir,
                              rewards)
-    command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    body = markdown(rows, command.strip(), args.num_images)
-    print(body)
-    write_section(Path(args.results), args.section, body)
-    Path(args.results).with_suffix(".json").write_text(json.dumps(
-        {**_load_json(Path(args.results).with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
     return rows
 
 
