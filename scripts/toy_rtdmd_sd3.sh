@@ -9,16 +9,8 @@
 #   bash scripts/toy_rtdmd_sd3.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-runs}
+source scripts/toy_train_lib.sh   # train NAME OVERRIDES..., $RUNS
 M=toy-digits-sd3
-train() {   # name, then fewstep distill overrides
-  local name=$1; shift
-  [ -f "$RUNS/$name/export/fewstep.json" ] && return
-  echo "== $name"
-  local start=$SECONDS
-  fewstep distill output_dir="$RUNS/$name" train.progress=false "$@"
-  echo "== $name: $((SECONDS - start)) s wall"
-}
 
 REWARD=("method.reward=[{name: digits-class}]" method.reward_weight=0.01)   # rtdmd's toy bp_weight
 for seed in 0 1; do

@@ -5,15 +5,7 @@
 #   bash scripts/toy_students.sh            # about 1.5 h on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-runs}
-train() {   # name, then fewstep distill overrides
-  local name=$1; shift
-  [ -f "$RUNS/$name/export/fewstep.json" ] && return
-  echo "== $name"
-  local start=$SECONDS
-  fewstep distill output_dir="$RUNS/$name" train.progress=false "$@"
-  echo "== $name: $((SECONDS - start)) s wall"
-}
+source scripts/toy_train_lib.sh   # train NAME OVERRIDES..., $RUNS
 
 train tdm-s0 recipe=tdm model=toy-digits train.seed=0
 train tdm-s1 recipe=tdm model=toy-digits train.seed=1

@@ -4,20 +4,10 @@
 # Two training seeds for DMD2 and TDM (the table's spread); runs already exported are skipped, so an
 # interrupted call resumes where it stopped. About 100 minutes on 2 CPU cores.
 #   bash scripts/toy_students_sd3.sh
-# PAUSE_FILE=/tmp/hold: while that file exists, wait before starting the next run (to measure something else alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-runs}
+source scripts/toy_train_lib.sh   # train NAME OVERRIDES..., $RUNS
 M=toy-digits-sd3
-train() {   # name, then fewstep distill overrides
-  local name=$1; shift
-  [ -f "$RUNS/$name/export/fewstep.json" ] && return
-  while [ -n "${PAUSE_FILE:-}" ] && [ -e "$PAUSE_FILE" ]; do sleep 5; done
-  echo "== $name"
-  local start=$SECONDS
-  fewstep distill output_dir="$RUNS/$name" train.progress=false "$@"
-  echo "== $name: $((SECONDS - start)) s wall"
-}
 
 for seed in 0 1; do
   train sd3-dmd2-s$seed recipe=dmd2 model=$M train.seed=$seed

@@ -32,3 +32,14 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on an oversubscribed 2-core box two intra-op threads make each transcendental op ~100x slower
+    (measured 12 ms vs 0.1 ms for a 1000-element log), so modules of tiny-tensor math run single-threaded
+    (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

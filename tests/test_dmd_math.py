@@ -20,14 +20,7 @@ from fewstep.recipes.losses import (critic_denoising_loss, decoupled_dmd_directi
                                     subinterval_noise, subinterval_target)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny; on an oversubscribed 2-core box two intra-op threads make each transcendental op
-    ~100x slower (measured 12 ms vs 0.1 ms for a 1000-element log), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def sd_vp() -> DiscreteVP:

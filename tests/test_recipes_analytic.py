@@ -41,13 +41,7 @@ from fewstep.train.step import RoleOptimizers, train_iteration
 N_EVAL = 20_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest on the shared 2-core machine (see test_dmd_math)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

@@ -126,12 +126,7 @@ def train_tilted(weight: float, steps: int = 1500, seed: int = 0) -> tuple[float
     return float(mu.mean()), float(mu.std()), float(gen.log_s.detach().exp())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_small_tilt_slope_is_kappa():
