@@ -1,8 +1,8 @@
 """How far 2 CPU processes with half batches land from 1 process: the largest relative difference of the logged
-losses and the largest absolute difference of the trained weights, for the runs tests/test_world_size.py checks
-(DDP: LCM and DMD2; FSDP2: LCM, DMD2 and DMD2 with a full student and critic). Prints a markdown table.
+losses and the largest absolute difference of the trained weights, for every case of tests/test_world_size.py's
+RECIPES (DDP) and FSDP2 tables, slow ones included, with its settings (train.adam_eps=1e-4). Prints a markdown table.
 
-    python scripts/world_size_diffs.py          # about 3 minutes on 2 CPU cores
+    python scripts/world_size_diffs.py          # about 4 minutes on 2 CPU cores
 """
 from __future__ import annotations
 

@@ -35,6 +35,8 @@ from fewstep.recipes.dmd2 import DMD2
 from fewstep.recipes.reward import RewardLoss
 from fewstep.sampling.draws import Draws
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 D, BATCH, A = 128, 256, 1.0
 T_MIN, T_MAX = 0.02, 0.98
 
@@ -75,9 +77,14 @@ def folded_mean(mean: Tensor, std: Tensor) -> Tensor:
     return std * math.sqrt(2 / math.pi) * torch.exp(-z**2 / 2) + mean * torch.erf(z / math.sqrt(2))
 
 
-def balance_force(m: float, n: int = 4000) -> float:
-    """F(m) = E_t[(sigma^2 m / c) / E|Y_t|] (module docstring), midpoint rule over t ~ U[T_MIN, T_MAX]."""
-    t = T_MIN + (torch.arange(n, dtype=torch.float64) + 0.5) * (T_MAX - T_MIN) / n
+def dm_times(n: int = 4000) -> Tensor:
+    """Midpoints of n equal cells of [T_MIN, T_MAX]: the quadrature nodes for expectations over t ~ U[T_MIN, T_MAX]."""
+    return T_MIN + (torch.arange(n, dtype=torch.float64) + 0.5) * (T_MAX - T_MIN) / n
+
+
+def balance_force(m: float) -> float:
+    """F(m) = E_t[(sigma^2 m / c) / E|Y_t|] (module docstring), by the midpoint rule."""
+    t = dm_times()
     a, s = 1 - t, t
     c = a**2 + s**2
     return float((s**2 * m / c / folded_mean(s**2 * m / c, s / c.sqrt())).mean())
@@ -93,7 +100,8 @@ def predicted_mean(weight: float) -> float:
 
 
 def kappa() -> float:
-    t = T_MIN + (torch.arange(4000, dtype=torch.float64) + 0.5) * (T_MAX - T_MIN) / 4000
+    """sqrt(pi / 2) E_t[sigma / sqrt(alpha^2 + sigma^2)], F's slope at m = 0."""
+    t = dm_times()
     return float(math.sqrt(math.pi / 2) * (t / ((1 - t) ** 2 + t**2).sqrt()).mean())
 
 
@@ -124,9 +132,6 @@ def train_tilted(weight: float, steps: int = 1500, seed: int = 0) -> tuple[float
             tail.append(gen.mu.detach().clone())
     mu = torch.stack(tail).mean(0)
     return float(mu.mean()), float(mu.std()), float(gen.log_s.detach().exp())
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_small_tilt_slope_is_kappa():
