@@ -56,6 +56,8 @@ def sidecar(teacher: Teacher, spec: InferenceSpec, scheduler: tuple[str, dict], 
     times = torch.tensor(spec.times, dtype=torch.float64)
     return {"recipe": recipe, "teacher": teacher_name, "family": fam.name,
             "scheduler": {"class": sched_name, "config": _jsonable(sched_config)},
+            "teacher_scheduler": {"class": type(teacher.grid_source).__name__,
+                                  "config": _jsonable(dict(teacher.grid_source.config))},
             "timesteps": fam.student_timesteps(pipe, times, size, size), "times": [float(t) for t in times],
             "step": spec.step, "step_options": parse_step(spec.step)[1], "num_inference_steps": len(spec.times) - 1, "guidance_scale": spec.guidance_scale,
             "experts": [{"adapter": name, "until": bound, "kind": kind}

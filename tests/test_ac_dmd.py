@@ -129,6 +129,8 @@ def test_stage_two_trains_from_a_stage_one_export(stage1_mode: str, tmp_path: Pa
         assert r["reward/digits-class"] <= 0 and r["advantage_abs"] > 0
     meta = json.loads((out / "export" / "fewstep.json").read_text())
     assert meta["recipe"] == "rtdmd" and meta["step"] == "cps:eta=0.9" and meta["lora"] is not None
+    stage1_times = json.loads((stage1 / "export" / "fewstep.json").read_text())["times"]
+    assert meta["times"] == stage1_times                # stage 2 trains on stage 1's (shifted) grid
     assert meta["teacher"].endswith("stage1/export")     # the stage-2 LoRA loads onto the stage-1 pipeline
     student, _, _ = load_export(out / "export")
     assert student.family.name == "sd3" and student.latent_shape() == (4, 8, 8)

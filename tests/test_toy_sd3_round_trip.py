@@ -109,3 +109,26 @@ def test_export_reproduced_by_the_stock_pipeline(case: str, tmp_path: Path):
     stock = stock_latents(pipe, meta, **call)
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
     assert (stock - teacher_only).abs().max() > 1e-2   # the student is not the teacher: the check can fail
+
+
+def test_an_export_used_as_a_teacher_keeps_the_original_grid(tmp_path: Path):
+    """A full export's own scheduler has shifting off (its stock call passes shifted sigmas), so grids derived from
+    it would be unshifted; its sidecar records the original scheduler and an export loaded as a teacher (RTDMD
+    stage 2, or any run on an export) derives the original teacher's grids, also through a second export."""
+    from fewstep.export import export_student
+    from fewstep.models.families.sd3 import flow_teacher_times
+    from fewstep.models.teacher import load_teacher
+    from fewstep.recipes.base import InferenceSpec
+    from fewstep.recipes.build import dmd_student_times
+
+    teacher = load_teacher("toy-digits-sd3")
+    times = dmd_student_times(teacher, 4)
+    spec = InferenceSpec([float(t) for t in times], "cps:eta=0.9")
+    first = load_teacher(str(export_student(teacher, teacher.net, spec, tmp_path / "a", "test", "toy-digits-sd3")))
+    assert first.pipe.scheduler.config.shift == 1.0                     # the stock call's scheduler is unchanged
+    assert (flow_teacher_times(first.pipe, 4) - times).abs().max() > 0.1   # what the bug derived: unshifted
+    torch.testing.assert_close(dmd_student_times(first, 4), times)
+    torch.testing.assert_close(first.teacher_times(50), teacher.teacher_times(50))
+    assert first.pipe.scheduler.config.shift == 1.0                     # put back after each derivation
+    second = load_teacher(str(export_student(first, first.net, spec, tmp_path / "b", "test", str(tmp_path / "a"))))
+    torch.testing.assert_close(second.student_times(2), teacher.student_times(2))

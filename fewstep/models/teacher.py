@@ -109,6 +109,7 @@ class Teacher:
     name: str
     autocast_dtype: torch.dtype | None = None   # bf16 autocast for sampling on CUDA (None = float32)
     offload: bool = False   # frozen text encoders and VAE live in CPU memory between uses (see offload_frozen)
+    grid_scheduler: Any = None   # where the sampling grids come from, when not pipe.scheduler (see grid_source)
     _schedule: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (scheduler, schedule)
 
     @property
@@ -190,9 +191,29 @@ class Teacher:
         with self._on_device("vae"):
             return self.family.decode(self.pipe, x0, grad)
 
+    @property
+    def grid_source(self) -> Any:
+        """The scheduler the time grids derive from: the original teacher's. An export's own scheduler has
+        shifting switched off (its stock call passes the already shifted sigmas), so a run whose teacher is an
+        export (RTDMD stage 2) would otherwise derive an unshifted grid; the export's sidecar records the original
+        scheduler (`teacher_scheduler`) and `load_teacher` puts it here."""
+        return self.grid_scheduler if self.grid_scheduler is not None else self.pipe.scheduler
+
+    @contextmanager
+    def _grid_scheduler(self) -> Iterator[None]:
+        """`pipe.scheduler` is the grid source for the block (the family functions read the pipeline's)."""
+        own = self.pipe.scheduler
+        self.pipe.scheduler = self.grid_source
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = own
+
     def teacher_times(self, steps: int, size: int | None = None) -> Tensor:
+        """The stock pipeline's `steps`-step grid (shift included) on the original teacher's scheduler."""
         s = size or self.size
-        return self.family.teacher_times(self.pipe, steps, s, s)
+        with self._grid_scheduler():
+            return self.family.teacher_times(self.pipe, steps, s, s)
 
     def student_times(self, steps: int, size: int | None = None) -> Tensor:
         """Default few-step grid: LCMScheduler's (999, 759, 499, 259 at 4 steps) on VP tables, the teacher's
@@ -201,7 +222,7 @@ class Teacher:
             return self.teacher_times(steps, size)
         from diffusers import LCMScheduler
 
-        sched = LCMScheduler.from_config(self.pipe.scheduler.config)
+        sched = LCMScheduler.from_config(self.grid_source.config)
         sched.set_timesteps(steps)
         n = sched.config.num_train_timesteps - 1
         return torch.cat([sched.timesteps.double() / n, torch.zeros(1, dtype=torch.float64)])
@@ -209,8 +230,25 @@ class Teacher:
 
 def load_teacher(spec: str, dtype: str = "float32", device: str | torch.device = "cpu", **components: Any) -> Teacher:
     pipe = load_pipeline(spec, dtype, device, **components)
-    teacher = Teacher(pipe=pipe, family=family_for(pipe), name=spec)
+    teacher = Teacher(pipe=pipe, family=family_for(pipe), name=spec, grid_scheduler=recorded_grid_scheduler(spec))
     for module in pipe.components.values():
         if isinstance(module, nn.Module):
             module.requires_grad_(False).eval()
     return teacher
+
+
+def recorded_grid_scheduler(spec: str) -> Any:
+    """The original teacher's scheduler recorded in an export's sidecar (`teacher_scheduler`), None for anything
+    else (a preset, a pipeline folder, a hub id, an export written before the field existed)."""
+    folder = Path(spec).expanduser()
+    meta = read_sidecar(folder) if folder.is_dir() else None
+    record = (meta or {}).get("teacher_scheduler")
+    if not record:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, str(record.get("class")), None)
+    if cls is None:
+        raise FewstepError(f"{folder}/fewstep.json names teacher_scheduler class {record.get('class')!r}, which "
+                           "this diffusers does not have; upgrade diffusers or re-export the run")
+    return cls.from_config(record["config"])
