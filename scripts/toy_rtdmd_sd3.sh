@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docs/results.md's `toy-rtdmd` table (issue 14's benchmark) on the flow toy teacher (toy-digits-sd3), one run at a
 # time (2 cores): for training seeds 0 and 1, RTDMD stage 1 (AC-DMD, recipe=rtdmd_cold), stage 2 from its export
-# (recipe=rtdmd, the digits-class reward), the plain DMD2 student and DMD2 with reward backprop at stage 2's
+# (recipe=rtdmd, 250 steps, the digits-class reward), the plain DMD2 student and DMD2 with reward backprop at stage 2's
 # reward-backprop weight; then every student and the teacher scored with FID on both digits feature spaces,
 # class accuracy, diversity, the digits-class reward that RTDMD trains on and micro-CLIP, a scorer no run trains
 # on (reward hacking shows as a gain in the first without the second). About 70 minutes on 2 CPU cores; runs
