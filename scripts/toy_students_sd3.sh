@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train every student of docs/results.md's `toy-sd3` table on the flow toy teacher (toy-digits-sd3), one run at a
 # time (2 cores: concurrent runs oversubscribe the threads), then score them all with scripts/toy_benchmark.py.
-# Two training seeds for DMD2 (the table's spread; TDM's second seed and the LoRA TDM run are not in it yet); runs already exported are skipped, so an
-# interrupted call resumes where it stopped. About 65 minutes on 2 CPU cores.
+# Two training seeds for DMD2 (the table's spread; TDM's second seed and the LoRA TDM run are not in it yet);
+# runs already exported are skipped, so an interrupted call resumes where it stopped. About 65 minutes on 2 CPU cores.
 #   bash scripts/toy_students_sd3.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
