@@ -176,6 +176,8 @@ def make_accelerator(cfg: DictConfig) -> Any:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    from fewstep.train import zero
+
     fp16 = cfg.train.mixed_precision == "fp16"
     if fp16 and not torch.cuda.is_available():
         raise FewstepError("train.mixed_precision=fp16 needs a CUDA device (none here); use train.mixed_precision=bf16 "
@@ -191,6 +193,9 @@ def make_accelerator(cfg: DictConfig) -> Any:
     if fp16 and acc.device.type != "cuda":
         raise FewstepError(f"train.mixed_precision=fp16 needs a CUDA device (this run is on {acc.device.type}); use "
                            "train.mixed_precision=bf16 or no")
+    if zero.is_deepspeed(acc):
+        zero.configure(acc.state.deepspeed_plugin.deepspeed_config, cfg.data.batch_size,
+                       cfg.train.gradient_accumulation_steps, cfg.train.grad_clip)
     return acc
 
 

@@ -9,6 +9,10 @@ whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerato
 name ending in `-ac` also turns on FSDP's own activation checkpointing (`fsdp_activation_checkpointing: true`), one
 ending in `-rl` accelerate's `fsdp_cpu_ram_efficient_loading: true` (the main process's weights are broadcast into
 the others' networks, which start on the meta device), as recipes/accelerate/fsdp2.yaml sets it.
+`--engine zero2-run` runs the whole `fewstep distill` under DeepSpeed ZeRO-2 with the settings of
+recipes/accelerate/deepspeed-zero2.yaml (DeepSpeed's CPU accelerator, gloo): accelerate launches DeepSpeed only on
+GPU-like devices and on CPU processes would give DeepSpeed a 1-process state, so the harness builds the DeepSpeed
+plugin itself on the run's 2-process CPU state; `prepare` and every step after it are accelerate's DeepSpeed path.
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
 import json
 import sys
@@ -35,6 +39,34 @@ def fsdp2_accelerator(cfg, activation_checkpointing: bool = False, ram_efficient
     return acc
 
 
+def zero2_accelerator(cfg):
+    """The run's Accelerator, made DeepSpeed ZeRO-2 on CPU processes with recipes/accelerate/deepspeed-zero2.yaml's
+    ZeRO settings (its bf16 is the run's train.mixed_precision here: the CPU tests run in float32)."""
+    from accelerate import PartialState
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from fewstep.train import zero
+
+    launch = Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / "deepspeed-zero2.yaml"
+    ds = load_config_from_file(str(launch)).deepspeed_config
+    acc = make_accelerator(cfg)
+    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_clipping=ds["gradient_clipping"],
+                             gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+                             offload_optimizer_device=ds["offload_optimizer_device"],
+                             offload_param_device=ds["offload_param_device"])
+    plugin.set_mixed_precision(cfg.train.mixed_precision)
+    acc.state.deepspeed_plugins = {"default": plugin}
+    plugin.select(_from_accelerator_state=True)
+    acc.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    acc.deepspeed_engine_wrapped = None   # what Accelerator() sets up when it starts under DeepSpeed
+    # what make_accelerator does for a run launched with a DeepSpeed config
+    zero.configure(plugin.deepspeed_config, cfg.data.batch_size, cfg.train.gradient_accumulation_steps,
+                   cfg.train.grad_clip)
+    return acc
+
+
 def main(out: Path, engine: str, argv: list[str]) -> None:
     from accelerate.utils import set_seed
     from torch.distributed.tensor import DTensor
@@ -43,10 +75,11 @@ def main(out: Path, engine: str, argv: list[str]) -> None:
 
     checkpointing, ram_efficient = engine.endswith("-ac"), engine.endswith("-rl")
     engine = engine.removesuffix("-ac").removesuffix("-rl")
-    if engine == "fsdp2-run":
+    if engine in ("fsdp2-run", "zero2-run"):
         import fewstep.distill
 
-        fewstep.distill.make_accelerator = lambda cfg: fsdp2_accelerator(cfg, checkpointing, ram_efficient)
+        fewstep.distill.make_accelerator = zero2_accelerator if engine == "zero2-run" else \
+            (lambda cfg: fsdp2_accelerator(cfg, checkpointing, ram_efficient))
         fewstep.distill.run(argv)
         return
     cfg = load_config(argv)

@@ -220,6 +220,42 @@ def test_distill_under_the_fsdp2_launch_config_saves_shards_resumes_and_exports(
     assert meta["train_steps"] == 4
 
 
+def test_distill_under_the_deepspeed_zero2_launch_config_trains_resumes_and_refuses_stage_3(tmp_path: Path):
+    """`accelerate launch --config_file recipes/accelerate/deepspeed-zero2.yaml scripts/distill.py` on every GPU
+    here (bf16, ZeRO-2): it trains, its checkpoint (optimizer states gathered into the 1-process format) resumes
+    under ZeRO-2 and on one process without DeepSpeed, the export loads; deepspeed-zero3.yaml is refused in one
+    line. tests/test_zero.py checks the same path's numbers on 2 CPU processes."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    from fewstep.export import load_export
+
+    root = Path(__file__).resolve().parent.parent
+    gpus = torch.cuda.device_count()
+    out = tmp_path / "run"
+    args = [str(root / "scripts" / "distill.py"), "recipe=lcm", "student.mode=lora", "student.lora.rank=2",
+            "student.lora.alpha=2", "data.batch_size=2", "train.progress=false", "train.checkpoint_every=2",
+            "train.sample_every=2", f"output_dir={out}"]
+
+    def launch(config: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "recipes" / "accelerate" / config), "--num_processes", str(gpus), "--num_machines", "1",
+               *args, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    done = launch("deepspeed-zero2.yaml", "train.steps=2")
+    assert done.returncode == 0 and "(DEEPSPEED" in done.stdout + done.stderr, done.stderr[-3000:]
+    done = launch("deepspeed-zero2.yaml", "train.steps=4", "resume=latest")
+    assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert load_export(out / "export")[2]["train_steps"] == 4
+    done = subprocess.run([sys.executable, *args, "train.steps=6", "resume=latest"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
+    refused = launch("deepspeed-zero3.yaml", "train.steps=2", f"output_dir={tmp_path / 'z3'}")
+    assert refused.returncode != 0 and "error: DeepSpeed ZeRO stage 3" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_offloaded_text_encoder_and_vae_free_gpu_memory_and_give_the_same_results(tmp_path: Path):
     """train.offload_frozen on a GPU: the toy's text encoder and VAE sit in CPU memory (the allocator holds less by
     at least their size), encodings and decodes come back on the GPU equal to the resident ones, and a DMD2 run

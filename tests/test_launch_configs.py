@@ -96,3 +96,42 @@ def test_engine_settings_fewstep_cannot_honour_are_refused_in_one_line():
     separate = [nn.Linear(2, 2), nn.Linear(2, 2)]
     check_engine(_fake("FSDP", activation_checkpointing=True), separate,
                  {"student": dict(separate[0].named_parameters()), "critic": dict(separate[1].named_parameters())})
+
+
+def test_deepspeed_config_is_completed_from_the_run_or_refused_in_one_line():
+    """zero.configure (called by make_accelerator under DeepSpeed): `auto` values take the run's settings, a value
+    that contradicts them is refused instead of silently winning (accelerate's own behaviour for the accumulation
+    steps), and what fewstep's trainer does not run (stage 0 and 3, a DeepSpeed optimizer or scheduler) too."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from fewstep.train import zero
+
+    def ds(**over):
+        return {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", **over}
+
+    cfg = ds()
+    zero.configure(cfg, batch_size=8, accumulation=2, grad_clip=0.5)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["gradient_clipping"]) \
+        == (8, 2, 0.5)
+    shipped = load_config_from_file(str(CONFIGS / "deepspeed-zero2.yaml")).deepspeed_config
+    zero.configure(ds(gradient_accumulation_steps=shipped["gradient_accumulation_steps"],
+                      gradient_clipping=shipped["gradient_clipping"]), 4, 1, 1.0)   # the file's values: train's defaults
+    for over, args, needle in (
+            ({"gradient_clipping": 1.0}, (4, 1, 0.5), r"gradient_clipping: 1.0 contradicts train.grad_clip=0.5"),
+            ({"gradient_accumulation_steps": 1}, (4, 4, 1.0),
+             r"gradient_accumulation_steps: 1 contradicts train.gradient_accumulation_steps=4"),
+            ({"train_micro_batch_size_per_gpu": 16}, (4, 1, 1.0), r"16 contradicts data.batch_size=4"),
+            ({"zero_optimization": {"stage": 3}}, (4, 1, 1.0), r"ZeRO stage 3 .*fsdp2.yaml"),
+            ({"zero_optimization": {"stage": 0}}, (4, 1, 1.0), r"stage 0.*ddp.yaml"),
+            ({"optimizer": {"type": "Adam"}}, (4, 1, 1.0), r"sets its own optimizer.*remove the optimizer section")):
+        with pytest.raises(FewstepError, match=needle):
+            zero.configure(ds(**over), *args)
+
+
+def test_deepspeed_refuses_a_role_that_trains_two_networks():
+    nets = [nn.Linear(2, 2), nn.Linear(2, 2)]
+    both = {"critic": {**{f"a.{k}": p for k, p in nets[0].named_parameters()},
+                       **{f"b.{k}": p for k, p in nets[1].named_parameters()}}}
+    with pytest.raises(FewstepError, match=r"^DeepSpeed runs recipes with one trained role and network"):
+        check_engine(_fake("DEEPSPEED"), nets, both)

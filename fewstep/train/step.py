@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fewstep.errors import FewstepError
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
+from fewstep.train import zero
 from fewstep.train.checkpoint import fault_point
 from fewstep.train.shards import is_sharded, meta_copy, unsharded
 
@@ -140,9 +141,10 @@ def check_engine(accelerator: Any, networks: list[nn.Module], params: dict[str, 
     block under whichever LoRA adapter is live in the backward pass; fewstep's adapter-aware recompute,
     student.gradient_checkpointing=true, is the one to use)."""
     kind = _engine(accelerator)
-    if kind == "DEEPSPEED" and len(params) > 1:
-        raise FewstepError(f"DeepSpeed runs recipes with one trained role (lcm); this one trains {sorted(params)}: "
-                           "launch it with recipes/accelerate/fsdp2.yaml (ZeRO-3-like sharding) instead")
+    if kind == "DEEPSPEED" and (len(params) > 1 or len(networks) > 1):
+        raise FewstepError(f"DeepSpeed runs recipes with one trained role and network (lcm); this one trains "
+                           f"{sorted(params)} in {len(networks)} network(s): launch it with "
+                           "recipes/accelerate/fsdp2.yaml (ZeRO-3-like sharding) instead")
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     if kind == "FSDP" and plugin is not None and getattr(plugin, "activation_checkpointing", False):
         home = {id(p): i for i, net in enumerate(networks) for p in net.parameters()}
@@ -276,6 +278,33 @@ class RoleOptimizers:
     def distributed(self) -> bool:
         return any(w is not n for n, w in zip(self.networks, self.prepared))
 
+    def weights(self, role: str) -> dict[str, Tensor]:
+        """`role`'s trained parameters by name, for a checkpoint of full tensors (DeepSpeed: its fp32 master
+        values, gathered; a collective call there)."""
+        named = self.params[role]
+        if zero.is_deepspeed(self.acc):
+            return dict(zip(named, zero.full_weights(list(named.values()))))
+        return dict(named)
+
+    def optimizer_state(self, role: str) -> dict[str, Any]:
+        """`role`'s optimizer state dict in torch's format, whole (DeepSpeed: gathered; a collective call)."""
+        if zero.is_deepspeed(self.acc):
+            return zero.full_state_dict(self.optimizers[role], list(self.params[role].values()))
+        return self.optimizers[role].state_dict()
+
+    def load(self, role: str, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Load full `weights` (checked against the role's parameters) and an optimizer state dict in torch's
+        format into `role`, whatever engine and world size wrote them."""
+        named = self.params[role]
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        if zero.is_deepspeed(self.acc):
+            zero.load_full_state(self.optimizers[role], list(named.values()), [weights[k] for k in named],
+                                 optimizer_state)
+        else:
+            self.optimizers[role].load_state_dict(optimizer_state)
+
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -316,6 +345,12 @@ class RoleOptimizers:
         """Clip and step `role` when its gradient norm is finite, then advance its schedule; a non-finite norm
         skips both. Under fp16 the optimizer always steps through the GradScaler, which itself skips a step with
         an overflow (and lowers the scale). Returns (the gradient norm before clipping, whether it stepped)."""
+        if zero.is_deepspeed(self.acc):   # the engine clipped and stepped in accelerator.backward
+            norm, stepped = self.acc.clip_grad_norm_(list(self.params[role].values()), self.grad_clip), \
+                zero.engine(self.acc).was_step_applied()
+            if stepped:
+                self.schedulers[role].step()
+            return (math.nan if norm is None else float(norm)), stepped
         norm, opt = self._clip(role, self.grad_clip or float("inf")), self.optimizers[role]
         if self.scaled:
             opt.step()

@@ -250,13 +250,15 @@ class Trainer:
             return None
         if self.sharded:
             return self._save_sharded()
+        weights = {r: self.optim.weights(r) for r in self.roles}                  # collective under DeepSpeed
+        optimizers = {r: self.optim.optimizer_state(r) for r in self.optimizers}   # (gathered from its partitions)
         if not self.acc.is_main_process:
             return None
-        tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
+        tensors = {f"trainable-{r}": weights[r] for r in self.roles}
         extra = self.recipe.extra_state()
         if extra:
             tensors["extra"] = extra
-        blobs = {"optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+        blobs = {"optimizers": optimizers,
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
                  "rng": {"torch": torch.get_rng_state()}}
         if self.ema is not None:
@@ -378,14 +380,14 @@ class Trainer:
             if f"trainable-{role}" not in tensors:
                 raise FewstepError(f"checkpoint {path} is incomplete: trainable-{role}.safetensors is missing; resume "
                                    "from an earlier checkpoint (resume=<run>/checkpoints/step-...)")
-            load_trainables(self.params[role], tensors[f"trainable-{role}"], path, role)
+            check_trainables(self.params[role], tensors[f"trainable-{role}"], path, role)
         self.recipe.load_extra_state(tensors.get("extra", {}))
         missing = [f"{stem}.pt" for stem in ("optimizers", "schedulers", "rng") if stem not in blobs]
         if missing:
             raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing; resume from an earlier "
                                "checkpoint (resume=<run>/checkpoints/step-...)")
         for role in self.roles:
-            self.optimizers[role].load_state_dict(blobs["optimizers"][role])
+            self.optim.load(role, tensors[f"trainable-{role}"], blobs["optimizers"][role])
 
 
 def check_shardable(recipe: Recipe, networks: list[nn.Module]) -> None:
@@ -425,13 +427,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                                f"{fix}={current.get(key)}; set {fix}={saved.get(key)} or start a new output_dir")
 
 
-def load_trainables(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], path: Path, role: str) -> None:
+def check_trainables(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], path: Path, role: str) -> None:
     if set(params) != set(state) or any(params[k].shape != state[k].shape for k in params):
         raise FewstepError(f"checkpoint {path} does not match the {role}'s trainable parameters (different LoRA "
                            "targets or architecture); use the config the run was started with")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state[k].to(p.device, p.dtype))
 
 
 def preview_prompts(dataset: Any, n: int) -> list[str]:
