@@ -2,7 +2,8 @@
 ZeRO settings (tests/fsdp2_cpu_train.py --engine zero2-run) matches the 1-process run, writes checkpoints in the
 1-process format (the optimizer states gathered from their partitions), and those resume on any world size with
 or without DeepSpeed; a non-finite run is skipped and stopped as without it. DeepSpeed is not a dependency: the
-file is skipped where it is not installed (`pip install deepspeed`)."""
+file is skipped where it is not installed (`pip install --no-build-isolation deepspeed`, which builds against the
+installed torch; 0.19.8 here, its CPU accelerator with gloo)."""
 import json
 import shutil
 import subprocess
