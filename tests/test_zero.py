@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_world_size import ENV, LAUNCH, RECIPES, ROOT, _lora_export, final_weights
 from tiny_pipelines import free_port
 
@@ -98,3 +99,21 @@ def test_zero2_skips_non_finite_steps_and_stops_in_one_line(teacher_dir: Path, t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped/student"] for r in rows] == [0, 0, 1, 1, 1]   # measured: NaN from step 3 at lr 1e4
     assert not (out / "checkpoints").exists() and not (out / "export").exists()
+
+
+def test_zero2_full_student_with_its_ema_and_target_network_matches_one_process(teacher_dir: Path, tmp_path: Path):
+    """A full LCM student under ZeRO-2 with train.ema_decay and LCM's EMA target network (which follows the
+    student's replicated weights): the exported target network equals the 1-process run's."""
+    from test_world_size import FSDP2, _exports
+
+    full = [a for a in FSDP2["lcm-full"] if not a.startswith("train.steps")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (done := single(teacher_dir, one, *full)).returncode == 0, done.stderr[-3000:]
+    assert (done := zero2(teacher_dir, two, *full)).returncode == 0, done.stderr[-3000:]
+    a, b = _exports(one), _exports(two)
+    teacher = load_file(teacher_dir / "unet/diffusion_pytorch_model.safetensors")
+    moved_by = max((a[k] - teacher[k.split("/", 2)[-1]]).abs().max().item() for k in a if k.startswith("unet/"))
+    assert moved_by > 1e-4, "vacuous: the export did not move off the teacher"
+    assert a.keys() == b.keys()
+    for k in a:   # the tolerance of the FSDP2 export test (tests/test_world_size.py)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=3e-5, msg=k)
