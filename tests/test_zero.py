@@ -56,7 +56,7 @@ def test_zero2_matches_one_process_and_its_checkpoints_resume_anywhere(teacher_d
     assert (done := zero2(teacher_dir, two)).returncode == 0, done.stderr[-3000:]
     assert "(DEEPSPEED" in done.stdout + done.stderr, "the harness must have run DeepSpeed"
     assert sorted(p.name for p in (two / "samples").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
-    # measured: relative loss differences up to 2.2e-7, max |weight difference| 1.1e-6 (the tolerances of the
+    # measured: relative loss differences up to 5.1e-7, max |weight difference| 1.1e-6 (the tolerances of the
     # DDP world-size test, tests/test_world_size.py)
     assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-6)
     reference, got = final_weights(one), final_weights(two)
