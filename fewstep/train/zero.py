@@ -96,7 +96,8 @@ def full_state_dict(opt: Any, params: list[nn.Parameter]) -> dict[str, Any]:
 
 def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor], saved: dict[str, Any]) -> None:
     """Load full fp32 `weights` of `params` and a torch AdamW state dict of them (any world size or engine wrote
-    them) into this process: the module's copies, DeepSpeed's fp32 master partition and its optimizer states."""
+    them) into this process's part of DeepSpeed's optimizer: its fp32 master partition and its optimizer states
+    (the caller has loaded the weights into the module's own copies, `params`)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero = _zero(opt)
@@ -105,10 +106,8 @@ def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor],
         raise FewstepError("the checkpoint's optimizer holds other parameters than this run's role; resume with the "
                            "settings it was written with")
     base.param_groups[0].update({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
-    with torch.no_grad():
-        for p, w in zip(params, weights):
-            p.copy_(w.to(p.device, p.dtype))
-            safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
+    for p, w in zip(params, weights):
+        safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
     if not saved["state"]:
         return
     for flat in base.param_groups[0]["params"]:   # a role that has not stepped has no state to write into yet
