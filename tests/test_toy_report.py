@@ -35,3 +35,30 @@ def test_mean_rewards_batches_like_one_call():
     reward = build_reward("digits-class")
     want = float(reward(images, prompts).mean())
     assert mean_rewards(images, prompts, {"d": reward}, batch_size=3)["d"] == pytest.approx(want, rel=1e-6)
+
+
+def test_update_rescores_named_rows_and_keeps_the_others(tmp_path: Path, capsys):
+    """--update replaces the rows it scores (same name, same place), keeps the rest from results.json, and the
+    first line names both commands; a section scored at another N is refused in one line, exit 2."""
+    results = tmp_path / "results.md"
+    base = ["--teacher", "toy-digits", "-n", "20", "--results", str(results), "--grids", "", "--section", "t"]
+    first = main(base + ["--teacher-steps", "2,1", "--teacher-guidance", "2"])
+    stored = json.loads(results.with_suffix(".json").read_text())["t"]
+    stored[1]["fid"] = 123.0   # mark the 1-step row: --update below must keep it and replace the 2-step row
+    stored[0]["fid"] = 456.0
+    results.with_suffix(".json").write_text(json.dumps({"t": stored}))
+    rows = main(base + ["--teacher-steps", "2,3", "--teacher-guidance", "2", "--update"])
+    assert [r.name for r in rows] == [first[0].name, first[1].name, "teacher DDIM 3 steps, w=2"]
+    assert rows[0].fid == pytest.approx(first[0].fid) and rows[1].fid == 123.0   # re-scored / kept
+    text = results.read_text()
+    assert "| 123.00 |" in text and "| 456.00 |" not in text
+    line = text.split("<!-- BEGIN t -->\n")[1].splitlines()[0]
+    assert line.count("python scripts/toy_benchmark.py") == 2 and "--teacher-steps 2,1 " in line
+    assert "rows teacher DDIM 2 steps, w=2, teacher DDIM 3 steps, w=2 re-scored by" in line
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", "toy-digits", "-n", "10", "--results", str(results), "--grids", "", "--section", "t",
+              "--teacher-steps", "1", "--update"])
+    assert e.value.code == 2 and "other -n or --rewards" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--section", "none", "--update"])
+    assert e.value.code == 2 and "write it once without --update" in capsys.readouterr().err

@@ -8,6 +8,10 @@ it does not train on, to catch reward hacking).
 
     python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
     python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
+
+`--update` re-scores only the rows this command names and keeps the section's other rows (from results.json):
+rows of the same name are replaced in place, new ones appended, and the section's first line keeps the earlier
+command and names the rows the new one re-scored, so every row stays traceable to the command that scored it.
 """
 from __future__ import annotations
 
@@ -109,7 +113,22 @@ def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, 
     return rows
 
 
-def markdown(rows: list[Row], command: str, n: int) -> str:
+def merge_rows(kept: list[Row], new: list[Row]) -> list[Row]:
+    """`kept` with each row of the same name replaced by the one in `new` (in place), then `new`'s other rows."""
+    by_name = {r.name: r for r in new}
+    merged = [by_name.pop(r.name, r) for r in kept]
+    return merged + [r for r in new if r.name in by_name]
+
+
+def provenance(command: str) -> str:
+    """Which command wrote the rows, when, and on what: the first clause of a section's first line."""
+    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads")
+    return f"`{command}` ({time.strftime('%Y-%m-%d')}; {env})"
+
+
+def markdown(rows: list[Row], written_by: str, n: int) -> str:
+    """The section: one line on how it was made (`written_by`: `provenance`, or a chain of them), then the table."""
     base = next((r for r in rows if re.match(r"teacher \w+ 50 steps", r.name)), None)
     names = list(rows[0].rewards) if rows else []
     lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | {MLP_METRIC_NAME} ↓ | class acc ↑ | diversity (1 = real) | "
@@ -120,14 +139,25 @@ def markdown(rows: list[Row], command: str, n: int) -> str:
         lines.append(f"| {r.name} | {r.steps} | {r.fid:.2f} | {r.fid_mlp:.2f} | {r.accuracy:.3f} | {r.diversity:.2f} | "
                      + "".join(f"{r.rewards[k]:.3f} | " for k in names)
                      + f"{r.sec_per_image * 1000:.2f} ms | {speed} |")
-    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads")
-    return "\n".join([f"Written by `{command}` ({time.strftime('%Y-%m-%d')}; {env}). N = {n} images per row, "
+    return "\n".join([f"Written by {written_by}. N = {n} images per row, "
                       f"class-balanced prompts, seeds 0..{n - 1}; {METRIC_NAME} and {MLP_METRIC_NAME} (independent "
                       "classifiers: CNN and MLP, trained on different splits) against all 1797 real digits; a row "
                       "beats another only where both FIDs agree." + (f" Reward columns: each reward's mean over the "
                                                                       f"row's images ({', '.join(names)})." if names else ""), "",
                       *lines, ""])
+
+
+def read_section(path: Path, section: str) -> tuple[str, list[Row]]:
+    """An existing section's `written_by` chain (from results.md) and rows (from results.json), for `--update`.
+    Raises ValueError (one line, with the fix) where there is none to update."""
+    begin = f"<!-- BEGIN {section} -->"
+    text = path.read_text() if path.is_file() else ""
+    rows = _load_json(path.with_suffix(".json")).get(section)
+    found = re.search(re.escape(begin) + r"\s*Written by (.*?)\. N = ", text, flags=re.S)
+    if found is None or rows is None:
+        raise ValueError(f"--update: {path} has no section '{section}' with rows in {path.with_suffix('.json')}; "
+                         "write it once without --update")
+    return found.group(1), [Row(**r) for r in rows]
 
 
 def write_section(path: Path, section: str, body: str) -> None:
@@ -160,15 +190,31 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--grids", default="docs/img", help="folder for one 10x10 grid per row ('' = none)")
     p.add_argument("--rewards", default="", help="comma-separated reward names (fewstep's registry, e.g. "
                    "digits-class,micro-clip): a column of each one's mean per row")
+    p.add_argument("--update", action="store_true", help="re-score only this command's rows; keep the section's "
+                   "other rows (replaced where the names match) and name this command as the one that scored them")
     args = p.parse_args(argv)
-    with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
-        rows = all_rows(args)
+    results = Path(args.results)
     command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    body = markdown(rows, command.strip(), args.num_images)
+    written_by, kept = provenance(command.strip()), []
+    if args.update:
+        try:
+            earlier, kept = read_section(results, args.section)
+        except ValueError as e:
+            p.exit(2, f"error: {e}\n")
+        reward_names = sorted(filter(None, args.rewards.split(",")))
+        if any(r.n != args.num_images or sorted(r.rewards) != reward_names for r in kept):
+            p.exit(2, f"error: --update: section '{args.section}' was scored with other -n or --rewards; use the "
+                      "section's own (see its first line) or rewrite it without --update\n")
+    with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
+        new = all_rows(args)
+    rows = merge_rows(kept, new)
+    if args.update:
+        written_by = f"{earlier}; rows {', '.join(r.name for r in new)} re-scored by {written_by}"
+    body = markdown(rows, written_by, args.num_images)
     print(body)
-    write_section(Path(args.results), args.section, body)
-    Path(args.results).with_suffix(".json").write_text(json.dumps(
-        {**_load_json(Path(args.results).with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
+    write_section(results, args.section, body)
+    results.with_suffix(".json").write_text(json.dumps(
+        {**_load_json(results.with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
     return rows
 
 
