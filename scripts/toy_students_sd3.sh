@@ -28,12 +28,12 @@ train sd3-dmd-s0 recipe=dmd model=$M train.seed=0 method.pairs_path="$RUNS/pairs
 train sd3-lcm-lora-lr2e-3-300steps-s0 recipe=lcm model=$M train.seed=0 train.lr=2e-3 train.steps=300
 train sd3-lcm-lora-lr2e-3-attn-300steps-s0 recipe=lcm model=$M train.seed=0 train.lr=2e-3 train.steps=300 \
   "student.lora.targets=[]"
-# Diagnostic row: TDM with the teacher's CFG at 1.5 (the flow teacher's best 50-step guidance) instead of the preset's 3
-train sd3-tdm-cfg1.5-s0 recipe=tdm model=$M train.seed=0 method.real_guidance=1.5
+# Diagnostic row: TDM with the teacher's CFG at 3, the VP toy preset's, instead of the flow preset's 1.5
+train sd3-tdm-cfg3-s0 recipe=tdm model=$M train.seed=0 method.real_guidance=3
 
 students=()
 for name in sd3-lcm-lora-s0 sd3-lcm-full-s0 sd3-dmd2-s0 sd3-dmd2-s1 sd3-dmd2-lora-s0 sd3-tdm-s0 sd3-tdm-s1 \
-            sd3-tdm-lora-s0 sd3-tdm-cfg1.5-s0 sd3-dmd2_1step-s0 sd3-phased_dmd-s0 sd3-dmd-s0 \
+            sd3-tdm-lora-s0 sd3-tdm-cfg3-s0 sd3-dmd2_1step-s0 sd3-phased_dmd-s0 sd3-dmd-s0 \
             sd3-lcm-lora-lr2e-3-300steps-s0 sd3-lcm-lora-lr2e-3-attn-300steps-s0; do
   students+=(--student "$name=$RUNS/$name/export")
 done

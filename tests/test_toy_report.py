@@ -62,3 +62,9 @@ def test_update_rescores_named_rows_and_keeps_the_others(tmp_path: Path, capsys)
     with pytest.raises(SystemExit) as e:
         main(base + ["--section", "none", "--update"])
     assert e.value.code == 2 and "write it once without --update" in capsys.readouterr().err
+    rows = main(base + ["--teacher-steps", "", "--update", "--drop", first[1].name])
+    assert [r.name for r in rows] == [first[0].name, "teacher DDIM 3 steps, w=2"]
+    assert f"; rows {first[1].name} dropped by" in results.read_text() and "| 123.00 |" not in results.read_text()
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--teacher-steps", "", "--update", "--drop", "no such row"])
+    assert e.value.code == 2 and "has no row 'no such row'" in capsys.readouterr().err

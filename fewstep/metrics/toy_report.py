@@ -10,8 +10,9 @@ it does not train on, to catch reward hacking).
     python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
 
 `--update` re-scores only the rows this command names and keeps the section's other rows (from results.json):
-rows of the same name are replaced in place, new ones appended, and the section's first line keeps the earlier
-command and names the rows the new one re-scored, so every row stays traceable to the command that scored it.
+rows of the same name are replaced in place, new ones appended, `--drop NAME` removes one, and the section's first
+line keeps the earlier command and names the rows the new one re-scored or dropped, so every row stays traceable to
+the command that scored it.
 """
 from __future__ import annotations
 
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    "digits-class,micro-clip): a column of each one's mean per row")
     p.add_argument("--update", action="store_true", help="re-score only this command's rows; keep the section's "
                    "other rows (replaced where the names match) and name this command as the one that scored them")
+    p.add_argument("--drop", action="append", default=[], help="with --update: a row of the section to remove, by "
+                   "its full name (repeatable)")
     args = p.parse_args(argv)
     results = Path(args.results)
     command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -205,11 +208,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if any(r.n != args.num_images or sorted(r.rewards) != reward_names for r in kept):
             p.exit(2, f"error: --update: section '{args.section}' was scored with other -n or --rewards; use the "
                       "section's own (see its first line) or rewrite it without --update\n")
+        missing = sorted(set(args.drop) - {r.name for r in kept})
+        if missing:
+            p.exit(2, f"error: --drop: section '{args.section}' has no row {missing[0]!r}; give a row's full name as "
+                      "in the table's first column\n")
+        kept = [r for r in kept if r.name not in args.drop]
+    elif args.drop:
+        p.exit(2, "error: --drop removes rows of an existing section: add --update\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
         new = all_rows(args)
     rows = merge_rows(kept, new)
     if args.update:
-        written_by = f"{earlier}; rows {', '.join(r.name for r in new)} re-scored by {written_by}"
+        changes = [f"rows {', '.join(names)} {verb}" for names, verb in
+                   (([r.name for r in new], "re-scored"), (args.drop, "dropped")) if names]
+        written_by = f"{earlier}; {' and '.join(changes)} by {written_by}" if changes else earlier
     body = markdown(rows, written_by, args.num_images)
     print(body)
     write_section(results, args.section, body)
