@@ -198,27 +198,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = p.parse_args(argv)
     results = Path(args.results)
     command = "python scripts/toy_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    written_by, kept = provenance(command.strip()), []
-    if args.update:
-        try:
-            earlier, kept = read_section(results, args.section)
-        except ValueError as e:
-            p.exit(2, f"error: {e}\n")
-        reward_names = sorted(filter(None, args.rewards.split(",")))
-        if any(r.n != args.num_images or sorted(r.rewards) != reward_names for r in kept):
-            p.exit(2, f"error: --update: section '{args.section}' was scored with other -n or --rewards; use the "
-                      "section's own (see its first line) or rewrite it without --update\n")
-        missing = sorted(set(args.drop) - {r.name for r in kept})
-        if missing:
-            p.exit(2, f"error: --drop: section '{args.section}' has no row {missing[0]!r}; give a row's full name as "
-                      "in the table's first column\n")
-        kept = [r for r in kept if r.name not in args.drop]
-    elif args.drop:
-        p.exit(2, "error: --drop removes rows of an existing section: add --update\n")
+    written_by = provenance(command.strip())
+    try:
+        earlier, kept = rows_to_keep(args)
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
         new = all_rows(args)
     rows = merge_rows(kept, new)
-    if args.update:
+    if earlier is not None:
         changes = [f"rows {', '.join(names)} {verb}" for names, verb in
                    (([r.name for r in new], "re-scored"), (args.drop, "dropped")) if names]
         written_by = f"{earlier}; {' and '.join(changes)} by {written_by}" if changes else earlier
@@ -228,6 +216,25 @@ def main(argv: list[str] | None = None) -> list[Row]:
     results.with_suffix(".json").write_text(json.dumps(
         {**_load_json(results.with_suffix(".json")), args.section: [r.__dict__ for r in rows]}, indent=2))
     return rows
+
+
+def rows_to_keep(args: argparse.Namespace) -> tuple[str | None, list[Row]]:
+    """With --update: the section's `written_by` chain and its rows less --drop's; without: (None, []). Raises
+    ValueError (one line, with the fix) for a section that cannot be updated this way."""
+    if not args.update:
+        if args.drop:
+            raise ValueError("--drop removes rows of an existing section: add --update")
+        return None, []
+    earlier, kept = read_section(Path(args.results), args.section)
+    reward_names = sorted(filter(None, args.rewards.split(",")))
+    if any(r.n != args.num_images or sorted(r.rewards) != reward_names for r in kept):
+        raise ValueError(f"--update: section '{args.section}' was scored with other -n or --rewards; use the "
+                         "section's own (see its first line) or rewrite it without --update")
+    missing = sorted(set(args.drop) - {r.name for r in kept})
+    if missing:
+        raise ValueError(f"--drop: section '{args.section}' has no row {missing[0]!r}; give a row's full name as in "
+                         "the table's first column")
+    return earlier, [r for r in kept if r.name not in args.drop]
 
 
 def all_rows(args: argparse.Namespace) -> list[Row]:
