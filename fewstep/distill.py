@@ -215,10 +215,12 @@ def run(argv: list[str]) -> Path:
         print(f"process {acc.process_index} of {acc.num_processes} ({acc.distributed_type.value}, {acc.device})",
               flush=True)
     set_seed(cfg.train.seed)
+    from fewstep.train import zero
     from fewstep.train.trainer import Trainer
 
     tic = time.perf_counter()
     with ExitStack() as stack:
+        zero.load_whole(acc)
         teacher, recipe, dataset = build_run(cfg, acc.device, stack)
         trainer = Trainer(cfg, recipe, teacher, dataset, acc)
         if plan.resume is not None:

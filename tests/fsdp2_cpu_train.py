@@ -9,8 +9,8 @@ whole `fewstep distill` (checkpoints, sample grids, export) with that Accelerato
 name ending in `-ac` also turns on FSDP's own activation checkpointing (`fsdp_activation_checkpointing: true`), one
 ending in `-rl` accelerate's `fsdp_cpu_ram_efficient_loading: true` (the main process's weights are broadcast into
 the others' networks, which start on the meta device), as recipes/accelerate/fsdp2.yaml sets it.
-`--engine zero2-run` runs the whole `fewstep distill` under DeepSpeed ZeRO-2 with the settings of
-recipes/accelerate/deepspeed-zero2.yaml (DeepSpeed's CPU accelerator, gloo): accelerate launches DeepSpeed only on
+`--engine zero2-run` (`zero3-run`) runs the whole `fewstep distill` under DeepSpeed ZeRO-2 (ZeRO-3) with the settings
+of recipes/accelerate/deepspeed-zero2.yaml (deepspeed-zero3.yaml) (DeepSpeed's CPU accelerator, gloo): accelerate launches DeepSpeed only on
 GPU-like devices and on CPU processes would give DeepSpeed a 1-process state, so the harness builds the DeepSpeed
 plugin itself on the run's 2-process CPU state; `prepare` and every step after it are accelerate's DeepSpeed path.
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_cpu_train.py OUT --engine fsdp2 recipe=lcm ..."""
@@ -39,8 +39,8 @@ def fsdp2_accelerator(cfg, activation_checkpointing: bool = False, ram_efficient
     return acc
 
 
-def zero2_accelerator(cfg):
-    """The run's Accelerator, made DeepSpeed ZeRO-2 on CPU processes with recipes/accelerate/deepspeed-zero2.yaml's
+def zero_accelerator(cfg, stage: int = 2):
+    """The run's Accelerator, made DeepSpeed ZeRO on CPU processes with recipes/accelerate/deepspeed-zero{stage}.yaml's
     ZeRO settings (its bf16 is the run's train.mixed_precision here: the CPU tests run in float32)."""
     from accelerate import PartialState
     from accelerate.commands.config.config_args import load_config_from_file
@@ -48,13 +48,15 @@ def zero2_accelerator(cfg):
 
     from fewstep.train import zero
 
-    launch = Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / "deepspeed-zero2.yaml"
+    launch = Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / f"deepspeed-zero{stage}.yaml"
     ds = load_config_from_file(str(launch)).deepspeed_config
     acc = make_accelerator(cfg)
     plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_clipping=ds["gradient_clipping"],
                              gradient_accumulation_steps=ds["gradient_accumulation_steps"],
                              offload_optimizer_device=ds["offload_optimizer_device"],
-                             offload_param_device=ds["offload_param_device"])
+                             offload_param_device=ds["offload_param_device"],
+                             zero3_init_flag=ds["zero3_init_flag"],
+                             zero3_save_16bit_model=ds.get("zero3_save_16bit_model", False))
     plugin.set_mixed_precision(cfg.train.mixed_precision)
     acc.state.deepspeed_plugins = {"default": plugin}
     plugin.select(_from_accelerator_state=True)
@@ -67,6 +69,22 @@ def zero2_accelerator(cfg):
     return acc
 
 
+def report_partitioned() -> None:
+    """Print, once prepared, how many trained parameters ZeRO-3 left with no elements on this process (all of
+    them, if it partitioned them): tests/test_zero.py checks the line."""
+    from fewstep.train import step
+
+    original = step.RoleOptimizers.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        params = [p for named in self.params.values() for p in named.values()]
+        empty = sum(hasattr(p, "ds_id") and p.numel() == 0 and p.ds_numel > 0 for p in params)
+        print(f"ZeRO-3 partitioned {empty} of {len(params)} trained parameters", flush=True)
+
+    step.RoleOptimizers.__init__ = init
+
+
 def main(out: Path, engine: str, argv: list[str]) -> None:
     from accelerate.utils import set_seed
     from torch.distributed.tensor import DTensor
@@ -75,11 +93,13 @@ def main(out: Path, engine: str, argv: list[str]) -> None:
 
     checkpointing, ram_efficient = engine.endswith("-ac"), engine.endswith("-rl")
     engine = engine.removesuffix("-ac").removesuffix("-rl")
-    if engine in ("fsdp2-run", "zero2-run"):
+    if engine in ("fsdp2-run", "zero2-run", "zero3-run"):
         import fewstep.distill
 
-        fewstep.distill.make_accelerator = zero2_accelerator if engine == "zero2-run" else \
-            (lambda cfg: fsdp2_accelerator(cfg, checkpointing, ram_efficient))
+        fewstep.distill.make_accelerator = (lambda cfg: zero_accelerator(cfg, int(engine[4]))) \
+            if engine.startswith("zero") else (lambda cfg: fsdp2_accelerator(cfg, checkpointing, ram_efficient))
+        if engine == "zero3-run":
+            report_partitioned()
         fewstep.distill.run(argv)
         return
     cfg = load_config(argv)

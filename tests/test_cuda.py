@@ -220,11 +220,12 @@ def test_distill_under_the_fsdp2_launch_config_saves_shards_resumes_and_exports(
     assert meta["train_steps"] == 4
 
 
-def test_distill_under_the_deepspeed_zero2_launch_config_trains_resumes_and_refuses_stage_3(tmp_path: Path):
-    """`accelerate launch --config_file recipes/accelerate/deepspeed-zero2.yaml scripts/distill.py` on every GPU
-    here (bf16, ZeRO-2): it trains, its checkpoint (optimizer states gathered into the 1-process format) resumes
-    under ZeRO-2 and on one process without DeepSpeed, the export loads; deepspeed-zero3.yaml is refused in one
-    line. tests/test_zero.py checks the same path's numbers on 2 CPU processes."""
+@pytest.mark.parametrize("config", ["deepspeed-zero2.yaml", "deepspeed-zero3.yaml"])
+def test_distill_under_the_deepspeed_launch_configs_trains_and_resumes(config: str, tmp_path: Path):
+    """`accelerate launch --config_file recipes/accelerate/deepspeed-zero{2,3}.yaml scripts/distill.py` on every
+    GPU here (bf16; ZeRO-3 with the optimizer offloaded to the CPU): it trains, its checkpoint (weights and
+    optimizer states gathered into the 1-process format) resumes under the same config and on one process without
+    DeepSpeed, the export loads. tests/test_zero.py checks the same paths' numbers on 2 CPU processes."""
     import subprocess
     import sys
 
@@ -244,16 +245,15 @@ def test_distill_under_the_deepspeed_zero2_launch_config_trains_resumes_and_refu
                *args, *extra]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
-    done = launch("deepspeed-zero2.yaml", "train.steps=2")
+    done = launch(config, "train.steps=2")
     assert done.returncode == 0 and "(DEEPSPEED" in done.stdout + done.stderr, done.stderr[-3000:]
-    done = launch("deepspeed-zero2.yaml", "train.steps=4", "resume=latest")
+    done = launch(config, "train.steps=4", "resume=latest")
     assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
     assert load_export(out / "export")[2]["train_steps"] == 4
     done = subprocess.run([sys.executable, *args, "train.steps=6", "resume=latest"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
-    refused = launch("deepspeed-zero3.yaml", "train.steps=2", f"output_dir={tmp_path / 'z3'}")
-    assert refused.returncode != 0 and "error: DeepSpeed ZeRO stage 3" in refused.stderr, refused.stderr[-2000:]
+    assert load_export(out / "export")[2]["train_steps"] == 6
 
 
 def test_offloaded_text_encoder_and_vae_free_gpu_memory_and_give_the_same_results(tmp_path: Path):

@@ -189,6 +189,7 @@ class RoleOptimizers:
         self.networks = trained_networks(list(roles.values()))
         check_engine(accelerator, self.networks, self.params)
         sharding = _engine(accelerator) == "FSDP"
+        self.partitioned = zero.partitioned(accelerator)   # ZeRO-3: parameters partitioned in `prepare`
         self.followers = recipe.followers() if sharding else []   # unsharded copies need no engine
         where = {id(p): (i, name) for i, net in enumerate(self.networks) for name, p in net.named_parameters()}
         loose = [f"{r}:{n}" for r, named in self.params.items() for n, p in named.items() if id(p) not in where]
@@ -196,7 +197,7 @@ class RoleOptimizers:
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
         # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
-        self.skeletons = [meta_copy(net) for net in self.shardable] if sharding else []
+        self.skeletons = [meta_copy(net) for net in self.shardable] if sharding or self.partitioned else []
         self.prepared = self._prepare(accelerator, where) if not sharding else self._prepare_sharded(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
@@ -259,6 +260,8 @@ class RoleOptimizers:
     def export_network(self, net: nn.Module) -> nn.Module | None:
         """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
         sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
+        if self.partitioned and net in self.networks:
+            return zero.full_module(net, self.skeletons[self.networks.index(net)], self.acc.is_main_process)
         if not self.sharded or net not in self.shardable:   # modules compare by identity
             return net
         self.reshard()
@@ -282,28 +285,36 @@ class RoleOptimizers:
         """`role`'s trained parameters by name, for a checkpoint of full tensors (DeepSpeed: its fp32 master
         values, gathered; a collective call there)."""
         named = self.params[role]
-        if zero.is_deepspeed(self.acc):
-            return dict(zip(named, zero.full_weights(list(named.values()))))
+        if zero.is_deepspeed(self.acc):   # kept on the main process only
+            return dict(zip(named, zero.full_weights(list(named.values()), self.acc.is_main_process)))
         return dict(named)
 
     def optimizer_state(self, role: str) -> dict[str, Any]:
         """`role`'s optimizer state dict in torch's format, whole (DeepSpeed: gathered; a collective call)."""
         if zero.is_deepspeed(self.acc):
-            return zero.full_state_dict(self.optimizers[role], list(self.params[role].values()))
+            return zero.full_state_dict(self.optimizers[role], list(self.params[role].values()),
+                                        self.acc.is_main_process)
         return self.optimizers[role].state_dict()
 
     def load(self, role: str, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
         """Load full `weights` (checked against the role's parameters) and an optimizer state dict in torch's
         format into `role`, whatever engine and world size wrote them."""
         named = self.params[role]
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(weights[k].to(p.device, p.dtype))
         if zero.is_deepspeed(self.acc):
             zero.load_full_state(self.optimizers[role], list(named.values()), [weights[k] for k in named],
                                  optimizer_state)
         else:
+            with torch.no_grad():
+                for k, p in named.items():
+                    p.copy_(weights[k].to(p.device, p.dtype))
             self.optimizers[role].load_state_dict(optimizer_state)
+
+    def whole(self, modify: bool = False) -> ContextManager:
+        """Inside the block every role's trained parameters hold their whole values (ZeRO-3 partitions them; a
+        collective call there, see `zero.gathered`); elsewhere nothing happens."""
+        if not self.partitioned:
+            return nullcontext()
+        return zero.gathered([p for named in self.params.values() for p in named.values()], modify)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():
@@ -317,8 +328,9 @@ class RoleOptimizers:
         """`accelerator.backward` (it divides by the accumulation count). Under DDP every parameter the wrapped
         networks train enters the graph (with weight 0 where this iteration's losses do not reach it): the
         reducer, built without `find_unused_parameters` so that a network may run several forwards before one
-        backward (a rollout, the critic, the GAN head), waits for a gradient of each of its parameters."""
-        if self.distributed:
+        backward (a rollout, the critic, the GAN head), waits for a gradient of each of its parameters. (DeepSpeed's
+        ZeRO reduces whatever gradients there are; under ZeRO-3 a parameter outside a forward holds no elements.)"""
+        if self.distributed and not zero.is_deepspeed(self.acc):
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for net in self.networks for p in net.parameters()
                                     if p.requires_grad)
         self.acc.backward(loss)
@@ -385,5 +397,6 @@ def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int]
         totals[f"skipped/{role}"] = float(not moved)   # a non-finite gradient: no step
     if optim.sharded:   # followers update from the sharded weights (a no-grad forward leaves a root gathered)
         optim.reshard()
-    recipe.after_optimizer_step(step)
+    with optim.whole():   # the hook reads the trained weights (LCM's target network follows the student)
+        recipe.after_optimizer_step(step)
     return totals, stepped

@@ -67,7 +67,10 @@ class Trainer:
             return None
         from diffusers.training_utils import EMAModel
 
-        return EMAModel(list(self.params["student"].values()), decay=self.cfg.train.ema_decay)
+        with self.optim.whole():   # its shadow weights are whole copies
+            ema = EMAModel(list(self.params["student"].values()), decay=self.cfg.train.ema_decay)
+        ema.to(dtype=torch.float32)   # DeepSpeed's bf16 keeps the module's own weights in bf16, too coarse to average
+        return ema
 
     # -- data and randomness -------------------------------------------------------------------------------
     def positions(self, micro: int) -> range:
@@ -136,7 +139,8 @@ class Trainer:
         totals, stepped = train_iteration(self.recipe, self.optim, lambda micro: self.batch(self.step * accum + micro),
                                           self.draws, self.step, self.acc.autocast)
         if self.ema is not None and "student" in stepped:
-            self.ema.step(list(self.params["student"].values()))
+            with self.optim.whole():
+                self.ema.step(list(self.params["student"].values()))
         return self._mean_over_processes(totals)
 
     def _mean_over_processes(self, row: dict[str, float]) -> dict[str, float]:
@@ -204,8 +208,10 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         """The preview grid at this step, captioned with the recipe, step and sampling settings, e.g.
         "lcm · step 250/1000 · 4 steps (t=0.999,0.760,0.499,0.259) · guidance 1.0" (times in [0, 1])."""
-        # sharded: every process runs the network's forwards (they gather its blocks); the main one saves the grid
-        images = self.preview_images() if self.sharded or self.acc.is_main_process else None
+        # sharded or partitioned: every process runs the network's forwards (they gather its blocks or
+        # parameters); the main one saves the grid
+        collective = self.sharded or self.optim.partitioned
+        images = self.preview_images() if collective or self.acc.is_main_process else None
         if self.sharded:
             self.optim.reshard()
         if not self.acc.is_main_process:
@@ -232,8 +238,8 @@ class Trainer:
     def check_replicas_in_sync(self) -> None:
         """Multi-process runs: every process must hold the same trainables (gradients are averaged before each
         optimizer step). Compares a float64 checksum per role across processes; raises if they drifted apart."""
-        if self.acc.num_processes == 1 or self.optim.sharded:
-            return   # sharded parameters (FSDP2) have one copy by construction
+        if self.acc.num_processes == 1 or self.optim.sharded or self.optim.partitioned:
+            return   # sharded or partitioned parameters (FSDP2, ZeRO-3) have one copy by construction
         sums = torch.stack([torch.stack([p.detach().double().sum() for p in self.params[r].values()]).sum()
                             for r in self.roles]).to(self.acc.device)
         everyone = self.acc.gather(sums[None])
@@ -319,7 +325,8 @@ class Trainer:
     def apply_ema(self) -> None:
         """Copy the EMA weights into the student (end of training / export); no-op without train.ema_decay."""
         if self.ema is not None:
-            self.ema.copy_to(list(self.params["student"].values()))
+            with self.optim.whole(modify=True):
+                self.ema.copy_to(list(self.params["student"].values()))
 
     def meta(self) -> dict[str, Any]:
         student = self.roles["student"]
@@ -428,7 +435,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 def check_trainables(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], path: Path, role: str) -> None:
-    if set(params) != set(state) or any(params[k].shape != state[k].shape for k in params):
+    shape = {k: getattr(p, "ds_shape", p.shape) for k, p in params.items()}   # ZeRO-3: the partitioned one's
+    if set(params) != set(state) or any(shape[k] != state[k].shape for k in params):
         raise FewstepError(f"checkpoint {path} does not match the {role}'s trainable parameters (different LoRA "
                            "targets or architecture); use the config the run was started with")
 

@@ -1,18 +1,23 @@
-"""DeepSpeed ZeRO stages 1 and 2 under fewstep's trainer (optimizer states and gradients partitioned across
-processes, parameters replicated), through accelerate's DeepSpeed integration.
+"""DeepSpeed ZeRO under fewstep's trainer, through accelerate's DeepSpeed integration: stage 2 (optimizer states
+and gradients partitioned across processes, parameters replicated) and stage 3 (parameters partitioned too).
 
-Two things fewstep adds to what accelerate does:
+What fewstep adds to what accelerate does:
 - the DeepSpeed config is completed from the run's own settings (`data.batch_size` per process,
   `train.gradient_accumulation_steps`, `train.grad_clip`), and a value that contradicts them is refused in one line
   (accelerate would warn and silently take DeepSpeed's value);
-- checkpoints hold the optimizer states in the same per-parameter format a 1-process run writes (torch's AdamW
-  state dict, gathered from the partitions with DeepSpeed's tensor-fragment API), so a ZeRO checkpoint resumes on
-  any world size and engine, nothing is read with a pickle loader (DeepSpeed's own checkpoints are pickles), and
-  the export is the same as without DeepSpeed.
-Stage 3 (partitioned parameters) is refused: fsdp2.yaml shards parameters the same way and is tested here.
+- checkpoints hold the weights and optimizer states in the same per-parameter format a 1-process run writes
+  (torch's AdamW state dict, gathered from the partitions with DeepSpeed's tensor-fragment API, one parameter at a
+  time and kept on the main process only), so a ZeRO checkpoint resumes on any world size and engine, nothing is
+  read with a pickle loader (DeepSpeed's own checkpoints are pickles), and the export is the same as without it;
+- stage 3: models load whole (`whole_models`: the frozen teacher is never given to DeepSpeed), the trainer gathers
+  partitioned parameters where it reads or writes them outside a forward (`gathered`: EMA, the recipe's
+  after-step hook, loading a checkpoint) and gathers the export network one parameter at a time into a weightless
+  copy on the main process (`full_module`), and every process runs the preview's forwards (each forward gathers).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,6 +30,43 @@ MOMENTS = ("exp_avg", "exp_avg_sq")   # AdamW's per-parameter states beside its 
 
 def is_deepspeed(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def partitioned(accelerator: Any) -> bool:
+    """ZeRO stage 3: each process holds only its partition of the trained networks' parameters (outside a forward
+    a parameter has no elements; its `ds_shape` is the full shape)."""
+    return is_deepspeed(accelerator) and int(accelerator.state.deepspeed_plugin.zero_stage) == 3
+
+
+@contextmanager
+def gathered(params: Iterable[nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Inside the block, ZeRO-3-partitioned `params` hold their whole values on every process (a collective
+    call). With `modify`, what the main process wrote into them is partitioned again on exit (every process should
+    write the same); without it, writes are dropped. Parameters that are not partitioned pass through."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    params = [p for p in params if hasattr(p, "ds_id")]
+    with GatheredParameters(params, modifier_rank=0 if modify else None, enabled=bool(params)):
+        yield
+
+
+def full_module(net: nn.Module, skeleton: nn.Module, is_main: bool) -> nn.Module | None:
+    """`skeleton` (a weightless copy of `net` from before `prepare`) holding `net`'s whole weights on the main
+    process, gathered one parameter at a time so no process ever holds the whole network twice. A collective call;
+    other processes get None."""
+    params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+    state: dict[str, Tensor] = {}
+    for key in net.state_dict():
+        if key in params:
+            with gathered([params[key]]):
+                if is_main:
+                    state[key] = params[key].detach().cpu().clone()
+        elif is_main:
+            state[key] = buffers[key].detach().cpu().clone()
+    if not is_main:
+        return None
+    skeleton.load_state_dict(state, assign=True)
+    return skeleton
 
 
 def _match(ds: dict[str, Any], key: str, value: Any, setting: str) -> None:
@@ -42,10 +84,6 @@ def configure(ds: dict[str, Any], batch_size: int, accumulation: int, grad_clip:
     if stage == 0:
         raise FewstepError("DeepSpeed without ZeRO (stage 0) adds nothing to DDP here; launch with "
                            "recipes/accelerate/ddp.yaml or set zero_stage: 2")
-    if stage > 2:
-        raise FewstepError(f"DeepSpeed ZeRO stage {stage} partitions the parameters, which fewstep's trainer does not "
-                           "support; launch with recipes/accelerate/fsdp2.yaml (the same sharding) or "
-                           "recipes/accelerate/deepspeed-zero2.yaml")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise FewstepError(f"the DeepSpeed config sets its own {key}; fewstep builds AdamW and its schedule from "
@@ -53,6 +91,20 @@ def configure(ds: dict[str, Any], batch_size: int, accumulation: int, grad_clip:
     _match(ds, "train_micro_batch_size_per_gpu", int(batch_size), "data.batch_size")
     _match(ds, "gradient_accumulation_steps", int(accumulation), "train.gradient_accumulation_steps")
     _match(ds, "gradient_clipping", float(grad_clip or 0.0), "train.grad_clip")
+
+
+def load_whole(accelerator: Any) -> None:
+    """Before the models load: no `deepspeed.zero.Init` in transformers' `from_pretrained`, whatever
+    `zero3_init_flag` says. The frozen teacher (text encoders, VAE, and the UNet or transformer under a LoRA
+    student) is never given to DeepSpeed, so parameters partitioned while loading would never be gathered again;
+    ZeRO-3 partitions the trained networks in `prepare`. (accelerate's `zero3_init_context_manager(enable=False)`
+    registers a stage-3 config with transformers again, which then partitions anyway.) The registration stays off
+    for the run: diffusers' EMAModel would otherwise gather the parameters itself, inside the trainer's own
+    gathering (`gathered`), which DeepSpeed refuses."""
+    if is_deepspeed(accelerator):
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def engine(accelerator: Any) -> Any:
@@ -68,36 +120,56 @@ def _zero(opt: Any) -> Any:
     return zero
 
 
-def full_weights(params: list[nn.Parameter]) -> list[Tensor]:
+def _flats(zero: Any) -> list[Tensor]:
+    """The flat fp32 partitions that key the base optimizer's states: ZeRO-3 keeps them aside (its optimizer's
+    group lists one only while it steps it), ZeRO-1/2 in the param group."""
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    return list(flats) if flats is not None else list(zero.optimizer.param_groups[0]["params"])
+
+
+def _step(base: Any, n: float) -> Any:
+    """An optimizer step count in `base`'s own form: torch's AdamW keeps a float tensor, DeepSpeedCPUAdam (which
+    accelerate puts in place of AdamW when the optimizer is offloaded to the CPU) an int."""
+    return int(n) if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(n))
+
+
+def full_weights(params: list[nn.Parameter], keep: bool = True) -> list[Tensor]:
     """The fp32 master values of `params` (what DeepSpeed's optimizer updates; the module's own copies are rounded
-    to bf16 under bf16 mixed precision), gathered whole from the partitions. Collective: call it on every process."""
+    to bf16 under bf16 mixed precision), gathered whole from the partitions one at a time; an empty list where not
+    `keep` (every process but the main one). Collective: call it on every process."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return [safe_get_full_fp32_param(p).detach().cpu().clone() for p in params]
+    out = []
+    for p in params:
+        whole = safe_get_full_fp32_param(p)
+        if keep:
+            out.append(whole.detach().cpu().clone())
+    return out
 
 
-def full_state_dict(opt: Any, params: list[nn.Parameter]) -> dict[str, Any]:
+def full_state_dict(opt: Any, params: list[nn.Parameter], keep: bool = True) -> dict[str, Any]:
     """torch's AdamW state dict of `params` (the order the role's optimizer was built with), every moment gathered
-    whole from the processes' partitions: what `AdamW.state_dict()` gives in a 1-process run. Collective: call it
-    on every process."""
+    whole from the processes' partitions: what `AdamW.state_dict()` gives in a 1-process run (its moments only
+    where `keep`: every process but the main one gathers and drops them). Collective: call it on every process."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    base = _zero(opt).optimizer
+    zero = _zero(opt)
+    base, flats = zero.optimizer, _flats(zero)
     group = {k: v for k, v in base.param_groups[0].items() if k != "params"}
-    flats = base.param_groups[0]["params"]
     state: dict[int, dict[str, Tensor]] = {}
     if any(base.state.get(f) for f in flats):   # the role has stepped
-        step = base.state[flats[0]]["step"]
+        step = torch.tensor(float(base.state[flats[0]]["step"]))   # torch's AdamW form (DeepSpeedCPUAdam: an int)
         for i, p in enumerate(params):
-            state[i] = {"step": step.clone(), **{k: safe_get_full_optimizer_state(p, k).detach().cpu().clone()
-                                                 for k in MOMENTS}}
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}   # collective, in this order
+            if keep:
+                state[i] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
     return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
 
 
 def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor], saved: dict[str, Any]) -> None:
     """Load full fp32 `weights` of `params` and a torch AdamW state dict of them (any world size or engine wrote
-    them) into this process's part of DeepSpeed's optimizer: its fp32 master partition and its optimizer states
-    (the caller has loaded the weights into the module's own copies, `params`)."""
+    them) into this process's part of DeepSpeed's optimizer: the module's own copies (`params`; under ZeRO-3 their
+    partitions), its fp32 master partition and its optimizer states. Collective under ZeRO-3."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero = _zero(opt)
@@ -107,15 +179,18 @@ def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor],
                            "settings it was written with")
     base.param_groups[0].update({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
     for p, w in zip(params, weights):
+        with gathered([p], modify=True), torch.no_grad():
+            p.copy_(w.to(p.device, p.dtype))
         safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
     if not saved["state"]:
         return
-    for flat in base.param_groups[0]["params"]:   # a role that has not stepped has no state to write into yet
+    for flat in _flats(zero):   # a role that has not stepped has no state to write into yet
         if not base.state.get(flat):
-            base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    zero._lazy_init_hp_params_optimizer_state()   # link the parameters to those states (DeepSpeed does it lazily)
+            base.state[flat] = {"step": _step(base, 0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):   # ZeRO-1/2 link parameters to states lazily
+        zero._lazy_init_hp_params_optimizer_state()
     for i, p in enumerate(params):
         for k in MOMENTS:
             safe_set_full_optimizer_state(p, saved["state"][i][k].to(p.device), k)
-    for flat in base.param_groups[0]["params"]:
-        base.state[flat]["step"] = saved["state"][0]["step"].clone()
+    for flat in _flats(zero):
+        base.state[flat]["step"] = _step(base, float(saved["state"][0]["step"]))
