@@ -132,3 +132,18 @@ def test_zero_full_student_with_its_ema_and_target_network_matches_one_process(s
     assert a.keys() == b.keys()
     for k in a:   # the tolerance of the FSDP2 export test (tests/test_world_size.py)
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=3e-5, msg=k)
+
+
+def test_zero3_evaluation_during_training_scores_like_one_process(teacher_dir: Path, tmp_path: Path):
+    """`train.eval_every` under ZeRO-3: every forward of the partitioned student gathers its parameters, so both
+    processes run the same number of generation batches although 129 images split 65 / 64 (process 1 runs an
+    empty round; without it the run hangs until the timeout). The scores equal the 1-process run's."""
+    extra = ["train.steps=1", "train.sample_every=0", "train.checkpoint_every=0", "train.eval_every=1",
+             "train.eval_num_images=129"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (done := single(teacher_dir, one, *extra)).returncode == 0, done.stderr[-3000:]
+    assert (done := zero(3, teacher_dir, two, *extra)).returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((d / "eval.jsonl").read_text()) for d in (one, two))
+    assert a.keys() == b.keys() and "eval/fid[digits-cnn]" in a
+    for k in a:   # the FSDP2 test's tolerance (tests/test_world_size.py)
+        assert b[k] == pytest.approx(a[k], rel=1e-6), k

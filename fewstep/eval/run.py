@@ -30,7 +30,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sample import TEACHER_DEFAULT_STEPS, precision_dtype, resolve_model
 from fewstep.sampling.generate import generate_latents, guided
-from fewstep.train.shards import is_sharded
+from fewstep.train.shards import collective_forwards
 
 
 @dataclass
@@ -222,7 +222,7 @@ def evaluate_target(ctx: Context, target: Target, shared: dict[str, Any], out: P
     denoiser, net = target.sampler()
     bs = ctx.opts.batch_size
     most = len(shard_indices(n, 0, ctx.acc.num_processes))   # process 0 has the most images
-    rounds = -(-most // bs) if is_sharded(net.parameters()) else 0
+    rounds = -(-most // bs) if collective_forwards(net.parameters()) else 0
     with ctx.bar(len(idx), target.label) as bar:
         seconds = generate_into(t, denoiser, net, target.spec, ctx.prompts, ctx.seed, idx, bs,
                                 [*sinks, *([writer] if writer else []), grid], bar, rounds)

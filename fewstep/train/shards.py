@@ -27,6 +27,13 @@ def is_sharded(tensors: Iterable[Tensor]) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
+def collective_forwards(params: Iterable[Tensor]) -> bool:
+    """Whether a forward through these parameters is a collective call (every process must run it the same number
+    of times): FSDP2 shards them (DTensors) or DeepSpeed ZeRO-3 partitions them (they carry a `ds_id`)."""
+    params = list(params)
+    return is_sharded(params) or any(hasattr(p, "ds_id") for p in params)
+
+
 def _optimizer(opt: Any) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)   # inside accelerate's AcceleratedOptimizer
 
