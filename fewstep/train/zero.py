@@ -9,7 +9,7 @@ What fewstep adds to what accelerate does:
   (torch's AdamW state dict, gathered from the partitions with DeepSpeed's tensor-fragment API, one parameter at a
   time and kept on the main process only), so a ZeRO checkpoint resumes on any world size and engine, nothing is
   read with a pickle loader (DeepSpeed's own checkpoints are pickles), and the export is the same as without it;
-- stage 3: models load whole (`whole_models`: the frozen teacher is never given to DeepSpeed), the trainer gathers
+- stage 3: models load whole (`load_whole`: the frozen networks are never given to DeepSpeed), the trainer gathers
   partitioned parameters where it reads or writes them outside a forward (`gathered`: EMA, the recipe's
   after-step hook, loading a checkpoint) and gathers the export network one parameter at a time into a weightless
   copy on the main process (`full_module`), and every process runs the preview's forwards (each forward gathers).
@@ -95,9 +95,10 @@ def configure(ds: dict[str, Any], batch_size: int, accumulation: int, grad_clip:
 
 def load_whole(accelerator: Any) -> None:
     """Before the models load: no `deepspeed.zero.Init` in transformers' `from_pretrained`, whatever
-    `zero3_init_flag` says. The frozen teacher (text encoders, VAE, and the UNet or transformer under a LoRA
-    student) is never given to DeepSpeed, so parameters partitioned while loading would never be gathered again;
-    ZeRO-3 partitions the trained networks in `prepare`. (accelerate's `zero3_init_context_manager(enable=False)`
+    `zero3_init_flag` says. The frozen text encoders and VAE (and under a full student the teacher's own UNet or
+    transformer) are never given to DeepSpeed, so parameters partitioned while loading would never be gathered
+    again; ZeRO-3 partitions the trained network in `prepare` (under a LoRA student the base network holding the
+    adapters, whose teacher forwards then gather like the student's). (accelerate's `zero3_init_context_manager(enable=False)`
     registers a stage-3 config with transformers again, which then partitions anyway.) The registration stays off
     for the run: diffusers' EMAModel would otherwise gather the parameters itself, inside the trainer's own
     gathering (`gathered`), which DeepSpeed refuses."""
