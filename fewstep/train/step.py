@@ -23,7 +23,7 @@ from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
 from fewstep.train import zero
 from fewstep.train.checkpoint import fault_point
-from fewstep.train.shards import is_sharded, meta_copy, unsharded
+from fewstep.train.shards import collective_forwards, is_sharded, meta_copy, unsharded
 
 
 def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
@@ -278,6 +278,12 @@ class RoleOptimizers:
         return is_sharded(p for named in self.params.values() for p in named.values())
 
     @property
+    def collective(self) -> bool:
+        """Whether the trained parameters are spread over the processes (FSDP2 shards, ZeRO-3 partitions): each
+        has one copy, and every forward through them is a collective call."""
+        return collective_forwards(p for named in self.params.values() for p in named.values())
+
+    @property
     def distributed(self) -> bool:
         return any(w is not n for n, w in zip(self.networks, self.prepared))
 
@@ -397,6 +403,7 @@ def train_iteration(recipe: Recipe, optim: RoleOptimizers, batch: Callable[[int]
         totals[f"skipped/{role}"] = float(not moved)   # a non-finite gradient: no step
     if optim.sharded:   # followers update from the sharded weights (a no-grad forward leaves a root gathered)
         optim.reshard()
-    with optim.whole():   # the hook reads the trained weights (LCM's target network follows the student)
+    # the hook moves the followers (LCM's EMA target) towards the trained weights, which ZeRO-3 gathers first
+    with optim.whole() if recipe.followers() else nullcontext():
         recipe.after_optimizer_step(step)
     return totals, stepped

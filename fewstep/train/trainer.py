@@ -210,8 +210,7 @@ class Trainer:
         "lcm · step 250/1000 · 4 steps (t=0.999,0.760,0.499,0.259) · guidance 1.0" (times in [0, 1])."""
         # sharded or partitioned: every process runs the network's forwards (they gather its blocks or
         # parameters); the main one saves the grid
-        collective = self.sharded or self.optim.partitioned
-        images = self.preview_images() if collective or self.acc.is_main_process else None
+        images = self.preview_images() if self.optim.collective or self.acc.is_main_process else None
         if self.sharded:
             self.optim.reshard()
         if not self.acc.is_main_process:
@@ -238,7 +237,7 @@ class Trainer:
     def check_replicas_in_sync(self) -> None:
         """Multi-process runs: every process must hold the same trainables (gradients are averaged before each
         optimizer step). Compares a float64 checksum per role across processes; raises if they drifted apart."""
-        if self.acc.num_processes == 1 or self.optim.sharded or self.optim.partitioned:
+        if self.acc.num_processes == 1 or self.optim.collective:
             return   # sharded or partitioned parameters (FSDP2, ZeRO-3) have one copy by construction
         sums = torch.stack([torch.stack([p.detach().double().sum() for p in self.params[r].values()]).sum()
                             for r in self.roles]).to(self.acc.device)
