@@ -223,8 +223,9 @@ def test_distill_under_the_fsdp2_launch_config_saves_shards_resumes_and_exports(
 @pytest.mark.parametrize("config", ["deepspeed-zero2.yaml", "deepspeed-zero3.yaml"])
 def test_distill_under_the_deepspeed_launch_configs_trains_and_resumes(config: str, tmp_path: Path):
     """`accelerate launch --config_file recipes/accelerate/deepspeed-zero{2,3}.yaml scripts/distill.py` on every
-    GPU here (bf16; ZeRO-3 with the optimizer offloaded to the CPU): it trains, its checkpoint (weights and
-    optimizer states gathered into the 1-process format) resumes under the same config and on one process without
+    GPU here (bf16; ZeRO-3 with the optimizer offloaded to the CPU): it trains, its checkpoint (one file of fp32
+    weight and optimizer-state partitions per process; under ZeRO-3 read and written through DeepSpeed's local-state
+    API, which copies from and to the offload device) resumes under the same config and on one process without
     DeepSpeed, the export loads. tests/test_zero.py checks the same paths' numbers on 2 CPU processes."""
     import subprocess
     import sys
@@ -247,6 +248,7 @@ def test_distill_under_the_deepspeed_launch_configs_trains_and_resumes(config: s
 
     done = launch(config, "train.steps=2")
     assert done.returncode == 0 and "(DEEPSPEED" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert len(list((out / "checkpoints" / "step-0000002" / "shards").glob("*.safetensors"))) == gpus
     done = launch(config, "train.steps=4", "resume=latest")
     assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
     assert load_export(out / "export")[2]["train_steps"] == 4

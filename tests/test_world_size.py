@@ -62,8 +62,16 @@ def run(teacher: Path, out: Path, recipe: str, processes: int, batch: int) -> No
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's trained weights, flattened, as `trainable-<role>/<name>`: from its safetensors
+    files, or read whole from the shards every process wrote (FSDP2, ZeRO)."""
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
-    return {f"{f.stem}/{k}": v for f in sorted(ckpt.glob("trainable-*.safetensors")) for k, v in load_file(f).items()}
+    if (ckpt / "shards").is_dir():
+        from fewstep.train.shards import read_flat
+
+        return {"trainable-{}/{}".format(*k.split(".", 2)[1:]): v for k, v in read_flat(ckpt).items()
+                if k.startswith("trainable.")}
+    return {f"{f.stem}/{k}": v.reshape(-1) for f in sorted(ckpt.glob("trainable-*.safetensors"))
+            for k, v in load_file(f).items()}
 
 
 def _slow_unless(names: set[str], cases) -> list:

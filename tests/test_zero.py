@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 (issue 12) on 2 CPU processes: `fewstep distill` with the ZeRO settings of
 recipes/accelerate/deepspeed-zero2.yaml and deepspeed-zero3.yaml (tests/fsdp2_cpu_train.py --engine zero2-run,
-zero3-run) matches the 1-process run, writes checkpoints in the 1-process format (weights and optimizer states
-gathered from their partitions), and those resume on any world size with or without DeepSpeed; a non-finite run
+zero3-run) matches the 1-process run, and each process checkpoints its own partition of the fp32 weights and
+optimizer states in the flat layout FSDP2 uses (fewstep.train.shards), nothing gathered; those checkpoints resume
+on any world size with or without DeepSpeed, and under FSDP2; a non-finite run
 is skipped and stopped as without it; a full student's EMA and LCM's target network (both read ZeRO-3's
 partitioned weights) export what the 1-process run exports. DeepSpeed is not a dependency: the
 file is skipped where it is not installed (`pip install --no-build-isolation deepspeed`, which builds against the
@@ -81,6 +82,14 @@ def test_zero_matches_one_process_and_its_checkpoints_resume_anywhere(stage: int
             torch.testing.assert_close(got[k], export[k], rtol=1e-3, atol=2e-5, msg=k)
 
     close_to_reference(two)
+    # each process wrote its own part of every trained tensor: two files whose trained elements add up to the
+    # role's, each holding less than all of them
+    ck = two / "checkpoints" / "step-0000002"
+    assert not list(ck.glob("trainable-*.safetensors")) and not list(ck.rglob("*.distcp"))
+    files = sorted((ck / "shards").glob("*.safetensors"))
+    per_file = [sum(t.numel() for k, t in load_file(f).items() if k.startswith("trainable.")) for f in files]
+    total = sum(t.numel() for t in got.values())
+    assert len(files) == 2 and sum(per_file) == total and max(per_file) < total, (per_file, total)
     # the ZeRO run's step-2 checkpoint, resumed by 1 process without DeepSpeed and by 2 ZeRO processes; a
     # checkpoint resumed without the optimizer states it holds ends 2.5e-3 away (measured), far outside the bound
     on_one = moved(two, tmp_path / "on-one")
@@ -88,7 +97,16 @@ def test_zero_matches_one_process_and_its_checkpoints_resume_anywhere(stage: int
     on_two = moved(two, tmp_path / "on-two")
     assert (done := zero(stage, teacher_dir, on_two, "resume=latest")).returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
-    for out in (on_one, on_two):
+    resumed = [on_one, on_two]
+    if stage == 3:   # and by 2 FSDP2 processes: the same layout, resharded
+        on_fsdp2 = moved(two, tmp_path / "on-fsdp2")
+        harness = [str(ROOT / "tests" / "fsdp2_cpu_train.py"), "unused", "--engine", "fsdp2-run"]
+        cmd = [*LAUNCH, "--main_process_port", free_port(), *harness, *LCM, f"teacher.pretrained={teacher_dir}",
+               f"output_dir={on_fsdp2}", "data.batch_size=2", "resume=latest"]
+        done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
+        resumed.append(on_fsdp2)
+    for out in resumed:
         close_to_reference(out)
     ran, again = final_weights(two), final_weights(on_two)   # an interrupted ZeRO run ends where it would have:
     if stage == 2:                                            # bitwise
@@ -147,3 +165,17 @@ def test_zero3_evaluation_during_training_scores_like_one_process(teacher_dir: P
     assert a.keys() == b.keys() and "eval/fid[digits-cnn]" in a
     for k in a:   # the FSDP2 test's tolerance (tests/test_world_size.py)
         assert b[k] == pytest.approx(a[k], rel=1e-6), k
+
+
+@STAGES
+def test_zero_bf16_exports_and_checkpoints_the_fp32_masters(stage: int, teacher_dir: Path, tmp_path: Path):
+    """Under bf16 mixed precision DeepSpeed holds the module's weights in bf16 and steps fp32 master weights: the
+    export and the checkpoints hold the masters (values bf16 cannot represent), the same values in both. An export
+    of the module's own copies would be bf16-representable throughout."""
+    out = tmp_path / "bf16"
+    assert (done := zero(stage, teacher_dir, out, "train.mixed_precision=bf16")).returncode == 0, done.stderr[-3000:]
+    exported = torch.cat([v.reshape(-1).float() for v in _lora_export(out).values()])
+    masters = torch.cat(list(final_weights(out).values()))   # the step-4 checkpoint: the end of the run
+    assert exported.dtype == masters.dtype == torch.float32
+    assert (exported != exported.bfloat16().float()).float().mean() > 0.5
+    assert torch.equal(exported.sort().values, masters.sort().values)

@@ -23,7 +23,7 @@ from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import Draws
 from fewstep.train import zero
 from fewstep.train.checkpoint import fault_point
-from fewstep.train.shards import collective_forwards, is_sharded, meta_copy, unsharded
+from fewstep.train.shards import RoleState, collective_forwards, is_sharded, meta_copy, torch_role, unsharded
 
 
 def trained_networks(modules: list[nn.Module]) -> list[nn.Module]:
@@ -196,8 +196,10 @@ class RoleOptimizers:
         if loose:   # a recipe bug: these would train without being synchronised across processes
             raise FewstepError(f"trainable parameters outside every role module: {loose[:3]}; return their module "
                                "from Recipe.trainable()")
-        # FSDP2 shards the networks in place: keep weightless copies to gather the export into (see shards.unsharded)
-        self.skeletons = [meta_copy(net) for net in self.shardable] if sharding or self.partitioned else []
+        # FSDP2 shards the networks in place, ZeRO keeps fp32 masters aside: weightless copies to gather the export
+        # into (see shards.unsharded, zero.full_module)
+        self.skeletons = [meta_copy(net) for net in self.shardable] if sharding or zero.is_deepspeed(accelerator) \
+            else []
         self.prepared = self._prepare(accelerator, where) if not sharding else self._prepare_sharded(accelerator, where)
         for net, wrapped in zip(self.networks, self.prepared):
             if wrapped is not net:
@@ -258,9 +260,10 @@ class RoleOptimizers:
                     unit.reshard()
 
     def export_network(self, net: nn.Module) -> nn.Module | None:
-        """`net` (the recipe's export network) with full weights on the main process: itself, unless the engine
-        sharded it, when it is gathered into an unsharded copy (a collective call; other processes get None)."""
-        if self.partitioned and net in self.networks:
+        """`net` (the recipe's export network) with full weights on the main process: itself, unless an engine
+        sharded it (FSDP2) or holds its trained weights as fp32 masters (DeepSpeed), when those are gathered into
+        an unsharded copy (a collective call; other processes get None)."""
+        if zero.is_deepspeed(self.acc) and net in self.networks:
             return zero.full_module(net, self.skeletons[self.networks.index(net)], self.acc.is_main_process)
         if not self.sharded or net not in self.shardable:   # modules compare by identity
             return net
@@ -287,20 +290,17 @@ class RoleOptimizers:
     def distributed(self) -> bool:
         return any(w is not n for n, w in zip(self.networks, self.prepared))
 
-    def weights(self, role: str) -> dict[str, Tensor]:
-        """`role`'s trained parameters by name, for a checkpoint of full tensors (DeepSpeed: its fp32 master
-        values, gathered; a collective call there)."""
-        named = self.params[role]
-        if zero.is_deepspeed(self.acc):   # kept on the main process only
-            return dict(zip(named, zero.full_weights(list(named.values()), self.acc.is_main_process)))
-        return dict(named)
+    @property
+    def spread(self) -> bool:
+        """Whether each process checkpoints its own part of the trained state: FSDP2 shards it, DeepSpeed ZeRO
+        partitions the optimizer states (and under ZeRO-3 the parameters)."""
+        return self.sharded or zero.is_deepspeed(self.acc)
 
-    def optimizer_state(self, role: str) -> dict[str, Any]:
-        """`role`'s optimizer state dict in torch's format, whole (DeepSpeed: gathered; a collective call)."""
+    def role_state(self, role: str) -> RoleState:
+        """This process's part of `role`'s parameters and optimizer states, for a checkpoint (`shards.RoleState`)."""
         if zero.is_deepspeed(self.acc):
-            return zero.full_state_dict(self.optimizers[role], list(self.params[role].values()),
-                                        self.acc.is_main_process)
-        return self.optimizers[role].state_dict()
+            return zero.role_state(self.params[role], self.optimizers[role])
+        return torch_role(self.params[role], self.optimizers[role])
 
     def load(self, role: str, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
         """Load full `weights` (checked against the role's parameters) and an optimizer state dict in torch's

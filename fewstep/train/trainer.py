@@ -22,6 +22,7 @@ from fewstep.models.teacher import Teacher
 from fewstep.recipes.base import Batch, Recipe
 from fewstep.sampling.draws import DATA, Draws
 from fewstep.train import checkpoint as ckpt
+from fewstep.train import zero
 from fewstep.train.step import RoleOptimizers, train_iteration
 from fewstep.train.report import save_grid
 
@@ -253,17 +254,15 @@ class Trainer:
         self.check_replicas_in_sync()
         if self.nonfinite_streak:
             return None
-        if self.sharded:
+        if self.optim.spread:
             return self._save_sharded()
-        weights = {r: self.optim.weights(r) for r in self.roles}                  # collective under DeepSpeed
-        optimizers = {r: self.optim.optimizer_state(r) for r in self.optimizers}   # (gathered from its partitions)
         if not self.acc.is_main_process:
             return None
-        tensors = {f"trainable-{r}": weights[r] for r in self.roles}
+        tensors = {f"trainable-{r}": dict(self.params[r]) for r in self.roles}
         extra = self.recipe.extra_state()
         if extra:
             tensors["extra"] = extra
-        blobs = {"optimizers": optimizers,
+        blobs = {"optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
                  "rng": {"torch": torch.get_rng_state()}}
         if self.ema is not None:
@@ -280,20 +279,22 @@ class Trainer:
         return {k: v for k, v in extra.items() if v}
 
     def _save_sharded(self) -> Path | None:
-        """Every process writes its shard of the trained parameters and optimizer states (`shards.save_shards`)
-        into the main process's staging folder; the main one adds the rest and renames it into place."""
+        """Every process writes its part of the trained parameters and optimizer states (FSDP2's shards, ZeRO's
+        partitions: `shards.save_shards`) into the main process's staging folder; the main one adds the rest and
+        renames it into place."""
         from accelerate.utils import broadcast_object_list
 
         from fewstep.train import shards
 
         self.optim.reshard()
-        tensors, settings = shards.run_state(self.params, self.optimizers, self._shard_extra())
-        blobs = {"optimizer_groups": settings,
+        roles = {r: self.optim.role_state(r) for r in self.roles}
+        tensors = shards.run_state(roles, self._shard_extra())
+        blobs = {"optimizer_groups": {r: s.settings() for r, s in roles.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
                  "rng": {"torch": torch.get_rng_state()}}
         if self.ema is not None:   # its shadow weights are in the shards
             blobs["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-        meta = {**self.meta(), "sharded": True}
+        meta = {**self.meta(), "sharded": True, "shards": shards.LAYOUT}
         if not self.acc.is_main_process:   # the main process names its staging folder, or the error it met first
             kind, text = broadcast_object_list([None])[0]
             if kind == "dir":
@@ -326,6 +327,8 @@ class Trainer:
         if self.ema is not None:
             with self.optim.whole(modify=True):
                 self.ema.copy_to(list(self.params["student"].values()))
+            if zero.is_deepspeed(self.acc):   # the export reads the fp32 masters
+                zero.set_masters(list(self.params["student"].values()), self.ema.shadow_params)
 
     def meta(self) -> dict[str, Any]:
         student = self.roles["student"]
@@ -341,7 +344,7 @@ class Trainer:
         check_compatible(meta, self.meta(), path)
         wanted = {r: [g["initial_lr"] for g in o.param_groups] for r, o in self.optimizers.items()}   # this run's lr
         if meta.get("sharded"):
-            self._restore_sharded(path, blobs)
+            self._restore_sharded(path, blobs, meta)
         elif self.sharded:
             raise FewstepError(f"checkpoint {path} holds full tensors (written without FSDP2) and this run shards its "
                                "parameters; resume it with the launch config it was written with (e.g. "
@@ -360,7 +363,7 @@ class Trainer:
             for name in ("metrics.jsonl", "eval.jsonl"):
                 truncate_log(self.out / name, self.step)
 
-    def _restore_sharded(self, path: Path, blobs: dict[str, Any]) -> None:
+    def _restore_sharded(self, path: Path, blobs: dict[str, Any], meta: dict[str, Any]) -> None:
         """Parameters and optimizer states from the checkpoint's shards, resharded for this run's engine and
         world size (or read whole by a run that does not shard)."""
         import warnings
@@ -373,10 +376,14 @@ class Trainer:
         if missing or not (path / shards.SHARDS).is_dir():
             raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing) or shards.SHARDS + '/'} missing; "
                                "resume from an earlier checkpoint (resume=<run>/checkpoints/step-...)")
+        if meta.get("shards") != shards.LAYOUT:
+            raise FewstepError(f"checkpoint {path} was written by fewstep before 2026-12-07 (shards of shaped "
+                               "tensors); resume it with that version, or start a new output_dir")
         with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process.*")
             try:
-                shards.load_shards(path, self.params, self.optimizers, self._shard_extra(), blobs["optimizer_groups"])
+                roles = {r: self.optim.role_state(r) for r in self.roles}
+                shards.load_shards(path, roles, self._shard_extra(), blobs["optimizer_groups"])
             except (CheckpointException, Exception) as exc:   # any unreadable shard means the same to the user
                 raise ckpt.damaged(path, f"its shards do not load: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc

@@ -5,10 +5,13 @@ What fewstep adds to what accelerate does:
 - the DeepSpeed config is completed from the run's own settings (`data.batch_size` per process,
   `train.gradient_accumulation_steps`, `train.grad_clip`), and a value that contradicts them is refused in one line
   (accelerate would warn and silently take DeepSpeed's value);
-- checkpoints hold the weights and optimizer states in the same per-parameter format a 1-process run writes
-  (torch's AdamW state dict, gathered from the partitions with DeepSpeed's tensor-fragment API, one parameter at a
-  time and kept on the main process only), so a ZeRO checkpoint resumes on any world size and engine, nothing is
-  read with a pickle loader (DeepSpeed's own checkpoints are pickles), and the export is the same as without it;
+- checkpoints are written by every process: its range of each parameter's fp32 master values and Adam moments,
+  read straight from DeepSpeed's partitions (`role_state`) and written through torch.distributed.checkpoint in
+  the flat per-parameter layout FSDP2's checkpoints use (`fewstep.train.shards`), so nothing is gathered, a ZeRO
+  checkpoint resumes on any world size and engine (and 1-process or FSDP2 checkpoints resume under ZeRO), and
+  nothing is read with a pickle loader (DeepSpeed's own checkpoints are pickles);
+- the export gathers the fp32 masters of the trained parameters one at a time (`full_module`), not the module's
+  own copies, which bf16 mixed precision rounds;
 - stage 3: models load whole (`load_whole`: the frozen networks are never given to DeepSpeed), the trainer gathers
   partitioned parameters where it reads or writes them outside a forward (`gathered`: EMA, the recipe's
   after-step hook, loading a checkpoint) and gathers the export network one parameter at a time into a weightless
@@ -52,21 +55,38 @@ def gathered(params: Iterable[nn.Parameter], modify: bool = False) -> Iterator[N
 
 def full_module(net: nn.Module, skeleton: nn.Module, is_main: bool) -> nn.Module | None:
     """`skeleton` (a weightless copy of `net` from before `prepare`) holding `net`'s whole weights on the main
-    process, gathered one parameter at a time so no process ever holds the whole network twice. A collective call;
-    other processes get None."""
+    process, gathered one parameter at a time so no process ever holds the whole network twice: the fp32 masters
+    of the trained parameters (the module's own copies are rounded to bf16 under bf16 mixed precision), the module's
+    values of the others. A collective call; other processes get None."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
     state: dict[str, Tensor] = {}
     for key in net.state_dict():
         if key in params:
-            with gathered([params[key]]):
-                if is_main:
-                    state[key] = params[key].detach().cpu().clone()
+            p = params[key]
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is None:
+                with gathered([p]):
+                    if is_main:
+                        state[key] = p.detach().cpu().clone()
+            elif is_main:
+                state[key] = master.detach().cpu().clone()
         elif is_main:
             state[key] = buffers[key].detach().cpu().clone()
     if not is_main:
         return None
     skeleton.load_state_dict(state, assign=True)
     return skeleton
+
+
+def set_masters(params: list[nn.Parameter], values: list[Tensor]) -> None:
+    """Write whole `values` into the fp32 masters of `params` (what the optimizer steps, and what the export and
+    checkpoints read), as `apply_ema` does after copying the EMA's weights into the module. Collective."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p, v in zip(params, values):
+        safe_set_full_fp32_param(p, v.to(p.device, torch.float32))
 
 
 def _match(ds: dict[str, Any], key: str, value: Any, setting: str) -> None:
@@ -134,39 +154,6 @@ def _step(base: Any, n: float) -> Any:
     return int(n) if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(n))
 
 
-def full_weights(params: list[nn.Parameter], keep: bool = True) -> list[Tensor]:
-    """The fp32 master values of `params` (what DeepSpeed's optimizer updates; the module's own copies are rounded
-    to bf16 under bf16 mixed precision), gathered whole from the partitions one at a time; an empty list where not
-    `keep` (every process but the main one). Collective: call it on every process."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = []
-    for p in params:
-        whole = safe_get_full_fp32_param(p)
-        if keep:
-            out.append(whole.detach().cpu().clone())
-    return out
-
-
-def full_state_dict(opt: Any, params: list[nn.Parameter], keep: bool = True) -> dict[str, Any]:
-    """torch's AdamW state dict of `params` (the order the role's optimizer was built with), every moment gathered
-    whole from the processes' partitions: what `AdamW.state_dict()` gives in a 1-process run (its moments only
-    where `keep`: every process but the main one gathers and drops them). Collective: call it on every process."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    zero = _zero(opt)
-    base, flats = zero.optimizer, _flats(zero)
-    group = {k: v for k, v in base.param_groups[0].items() if k != "params"}
-    state: dict[int, dict[str, Tensor]] = {}
-    if any(base.state.get(f) for f in flats):   # the role has stepped
-        step = torch.tensor(float(base.state[flats[0]]["step"]))   # torch's AdamW form (DeepSpeedCPUAdam: an int)
-        for i, p in enumerate(params):
-            moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}   # collective, in this order
-            if keep:
-                state[i] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
-
-
 def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor], saved: dict[str, Any]) -> None:
     """Load full fp32 `weights` of `params` and a torch AdamW state dict of them (any world size or engine wrote
     them) into this process's part of DeepSpeed's optimizer: the module's own copies (`params`; under ZeRO-3 their
@@ -185,13 +172,77 @@ def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor],
         safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
     if not saved["state"]:
         return
-    for flat in _flats(zero):   # a role that has not stepped has no state to write into yet
-        if not base.state.get(flat):
-            base.state[flat] = {"step": _step(base, 0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):   # ZeRO-1/2 link parameters to states lazily
-        zero._lazy_init_hp_params_optimizer_state()
+    _states_exist(zero)
     for i, p in enumerate(params):
         for k in MOMENTS:
             safe_set_full_optimizer_state(p, saved["state"][i][k].to(p.device), k)
     for flat in _flats(zero):
         base.state[flat]["step"] = _step(base, float(saved["state"][0]["step"]))
+
+
+def _states_exist(zero: Any) -> None:
+    """Adam states for every flat partition (zero moments, step 0: what a role that has not stepped behaves like),
+    linked to the parameters' fragments (ZeRO-1/2 link them lazily), so a checkpoint can read and write them."""
+    base = zero.optimizer
+    for flat in _flats(zero):
+        if not base.state.get(flat):
+            base.state[flat] = {"step": _step(base, 0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def role_state(named: dict[str, nn.Parameter], opt: Any) -> Any:
+    """This process's part of a role's checkpoint under ZeRO (`shards.RoleState`): of each parameter, the range
+    of its flattened elements that this process's fp32 master partition holds, and the same range of Adam's
+    moments; nothing is gathered. ZeRO-3 partitions each parameter into equal slices of its padded flat form
+    (`ds_tensor`); ZeRO-1/2 each process's slice of the flat param group holds one range of some parameters
+    (`_hp_mapping`). `finish` (after a load; collective) writes the loaded values back where DeepSpeed keeps them
+    (ZeRO-3's local-state API, which also copies to and from an offload device) and refreshes the module's own
+    copies from the fp32 masters (ZeRO-3: each partition; ZeRO-1/2: `update_lp_params`, an all-gather)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    from fewstep.train.shards import Local, RoleState
+
+    zero = _zero(opt)
+    base, flats = zero.optimizer, _flats(zero)
+    _states_exist(zero)
+    step = {k: Local(0, 1, torch.tensor([float(base.state[flats[0]]["step"])])) for k in named}
+    weights: dict[str, Local] = {}
+    states: dict[str, Local] = {f"{k}.step": v for k, v in step.items()}
+    stage3 = any(hasattr(p, "ds_id") for p in named.values())
+    for k, p in named.items():
+        if stage3:   # elements [rank * size, (rank + 1) * size) of the padded flat parameter
+            size = p.ds_tensor.ds_numel
+            start = size * torch.distributed.get_rank(group=p.ds_process_group)
+            valid = max(0, min(size, p.ds_numel - start))
+            weights[k] = Local(start, p.ds_numel, safe_get_local_fp32_param(p)[:valid])
+            states.update({f"{k}.{m}": Local(start, p.ds_numel, safe_get_local_optimizer_state(p, m)[:valid])
+                           for m in MOMENTS})
+        elif p._hp_mapping is not None:
+            frag = p._hp_mapping
+            start = frag.lp_fragment_address.start
+            weights[k] = Local(start, p.numel(), frag.hp_fragment)
+            states.update({f"{k}.{m}": Local(start, p.numel(), frag.get_optim_state_fragment(m)) for m in MOMENTS})
+
+    def finish() -> None:
+        if stage3:
+            for k, p in named.items():
+                master = _padded(weights[k].values, p.ds_tensor.ds_numel)
+                safe_set_local_fp32_param(p, master)
+                for m in MOMENTS:
+                    safe_set_local_optimizer_state(p, _padded(states[f"{k}.{m}"].values, p.ds_tensor.ds_numel), m)
+                with torch.no_grad():
+                    p.ds_tensor.copy_(master.to(p.ds_tensor.device, p.ds_tensor.dtype))
+        else:
+            zero.update_lp_params()
+        for flat in flats:
+            base.state[flat]["step"] = _step(base, float(next(iter(step.values())).values))
+
+    group = base.param_groups[0]
+    return RoleState(weights, states, [group], [list(named)], finish)
+
+
+def _padded(values: Tensor, size: int) -> Tensor:
+    """A partition's values with the zero padding ZeRO-3 keeps after the flat parameter's last element."""
+    return values if values.numel() == size else torch.cat([values, values.new_zeros(size - values.numel())])
