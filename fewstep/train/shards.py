@@ -50,6 +50,13 @@ class Local:
     total: int
     values: Tensor
 
+    def fill(self, full: Tensor) -> None:
+        """Copy this process's range out of the whole tensor `full` (a checkpoint of full tensors) into `values`."""
+        n = self.values.numel()
+        with torch.no_grad():   # ZeRO's fp32 partitions are leaves that require grad
+            self.values.copy_(full.reshape(-1)[self.start:self.start + n].to(self.values.device,
+                                                                             self.values.dtype))
+
     def checkpointable(self) -> Tensor:
         """`values` marked as that range of the global flat tensor (DCP's `CheckpointableTensor` protocol)."""
         t = self.values
@@ -152,6 +159,30 @@ def load_shards(folder: Path, roles: dict[str, RoleState], extra: dict[str, dict
         state.finish()
         for group, saved in zip(state.groups, settings[role]):
             group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def load_full(roles: dict[str, RoleState], extra: dict[str, dict[str, Tensor]],
+              weights: dict[str, dict[str, Tensor]], optimizers: dict[str, dict[str, Any]],
+              saved_extra: dict[str, dict[str, Tensor]]) -> None:
+    """Load a checkpoint of full tensors (1 process or DDP wrote it: the weights by role and name, torch optimizer
+    state dicts, `extra`'s groups whole) into a run whose engine spreads the state over its processes: each process
+    copies its own ranges out of the whole tensors, then hands them to the engine (`RoleState.finish`)."""
+    for role, state in roles.items():
+        saved = optimizers[role]
+        if [len(n) for n in state.names] != [len(g["params"]) for g in saved["param_groups"]]:
+            raise ValueError(f"the {role}'s optimizer holds other parameters than the checkpoint's")
+        for k, part in state.weights.items():
+            part.fill(weights[role][k])
+        for i, name in enumerate(n for names in state.names for n in names):
+            for key, value in saved["state"].get(i, {}).items():
+                if f"{name}.{key}" in state.states:   # ZeRO-1/2: parameters outside this process's slice have none
+                    state.states[f"{name}.{key}"].fill(torch.as_tensor(value, dtype=torch.float32))
+        state.finish()
+        for group, settings in zip(state.groups, saved["param_groups"]):
+            group.update({k: v for k, v in settings.items() if k != "params"})
+    for group, tensors in extra.items():
+        for k, t in tensors.items():
+            local_part(t).fill(saved_extra[group][k])
 
 
 def read_flat(folder: Path) -> dict[str, Tensor]:

@@ -304,16 +304,11 @@ class RoleOptimizers:
 
     def load(self, role: str, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
         """Load full `weights` (checked against the role's parameters) and an optimizer state dict in torch's
-        format into `role`, whatever engine and world size wrote them."""
-        named = self.params[role]
-        if zero.is_deepspeed(self.acc):
-            zero.load_full_state(self.optimizers[role], list(named.values()), [weights[k] for k in named],
-                                 optimizer_state)
-        else:
-            with torch.no_grad():
-                for k, p in named.items():
-                    p.copy_(weights[k].to(p.device, p.dtype))
-            self.optimizers[role].load_state_dict(optimizer_state)
+        format into `role`, on one process or under DDP (engines that spread the state: `shards.load_full`)."""
+        with torch.no_grad():
+            for k, p in self.params[role].items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        self.optimizers[role].load_state_dict(optimizer_state)
 
     def whole(self, modify: bool = False) -> ContextManager:
         """Inside the block every role's trained parameters hold their whole values (ZeRO-3 partitions them; a

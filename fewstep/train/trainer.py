@@ -345,10 +345,6 @@ class Trainer:
         wanted = {r: [g["initial_lr"] for g in o.param_groups] for r, o in self.optimizers.items()}   # this run's lr
         if meta.get("sharded"):
             self._restore_sharded(path, blobs, meta)
-        elif self.sharded:
-            raise FewstepError(f"checkpoint {path} holds full tensors (written without FSDP2) and this run shards its "
-                               "parameters; resume it with the launch config it was written with (e.g. "
-                               "recipes/accelerate/ddp.yaml), or start a new output_dir")
         else:
             self._restore_full(path, tensors, blobs)
         for role in self.roles:
@@ -389,18 +385,34 @@ class Trainer:
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
 
     def _restore_full(self, path: Path, tensors: dict[str, Any], blobs: dict[str, Any]) -> None:
+        """Parameters and optimizer states from a checkpoint of full tensors (1 process or DDP wrote it); an
+        engine that spreads them over the processes (FSDP2, ZeRO) takes each process's ranges of them."""
         for role in self.roles:
             if f"trainable-{role}" not in tensors:
                 raise FewstepError(f"checkpoint {path} is incomplete: trainable-{role}.safetensors is missing; resume "
                                    "from an earlier checkpoint (resume=<run>/checkpoints/step-...)")
             check_trainables(self.params[role], tensors[f"trainable-{role}"], path, role)
-        self.recipe.load_extra_state(tensors.get("extra", {}))
         missing = [f"{stem}.pt" for stem in ("optimizers", "schedulers", "rng") if stem not in blobs]
         if missing:
             raise FewstepError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing; resume from an earlier "
                                "checkpoint (resume=<run>/checkpoints/step-...)")
-        for role in self.roles:
-            self.optim.load(role, tensors[f"trainable-{role}"], blobs["optimizers"][role])
+        weights = {r: tensors[f"trainable-{r}"] for r in self.roles}
+        if not self.optim.spread:
+            self.recipe.load_extra_state(tensors.get("extra", {}))
+            for role in self.roles:
+                self.optim.load(role, weights[role], blobs["optimizers"][role])
+            return
+        from fewstep.train import shards
+
+        saved_extra = {"extra": tensors.get("extra", {})}
+        if self.ema is not None and "ema" in blobs:   # its shadow weights go in by range, the rest as usual
+            saved_extra["ema.student"] = dict(zip(self.params["student"], blobs["ema"].pop("shadow_params")))
+        try:
+            shards.load_full({r: self.optim.role_state(r) for r in self.roles}, self._shard_extra(), weights,
+                             blobs["optimizers"], saved_extra)
+        except (KeyError, ValueError) as exc:
+            raise FewstepError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {exc}); resume it "
+                               "with the settings it was written with") from exc
 
 
 def check_shardable(recipe: Recipe, networks: list[nn.Module]) -> None:

@@ -154,32 +154,6 @@ def _step(base: Any, n: float) -> Any:
     return int(n) if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(n))
 
 
-def load_full_state(opt: Any, params: list[nn.Parameter], weights: list[Tensor], saved: dict[str, Any]) -> None:
-    """Load full fp32 `weights` of `params` and a torch AdamW state dict of them (any world size or engine wrote
-    them) into this process's part of DeepSpeed's optimizer: the module's own copies (`params`; under ZeRO-3 their
-    partitions), its fp32 master partition and its optimizer states. Collective under ZeRO-3."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    zero = _zero(opt)
-    base = zero.optimizer
-    if len(saved["param_groups"]) != 1 or len(saved["param_groups"][0]["params"]) != len(params):
-        raise FewstepError("the checkpoint's optimizer holds other parameters than this run's role; resume with the "
-                           "settings it was written with")
-    base.param_groups[0].update({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
-    for p, w in zip(params, weights):
-        with gathered([p], modify=True), torch.no_grad():
-            p.copy_(w.to(p.device, p.dtype))
-        safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
-    if not saved["state"]:
-        return
-    _states_exist(zero)
-    for i, p in enumerate(params):
-        for k in MOMENTS:
-            safe_set_full_optimizer_state(p, saved["state"][i][k].to(p.device), k)
-    for flat in _flats(zero):
-        base.state[flat]["step"] = _step(base, float(saved["state"][0]["step"]))
-
-
 def _states_exist(zero: Any) -> None:
     """Adam states for every flat partition (zero moments, step 0: what a role that has not stepped behaves like),
     linked to the parameters' fragments (ZeRO-1/2 link them lazily), so a checkpoint can read and write them."""
