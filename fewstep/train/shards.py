@@ -156,9 +156,15 @@ def load_shards(folder: Path, roles: dict[str, RoleState], extra: dict[str, dict
             raise ValueError(f"the {role}'s optimizer holds other parameters than the checkpoint's")
     dcp.load(run_state(roles, extra), storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
     for role, state in roles.items():
-        state.finish()
-        for group, saved in zip(state.groups, settings[role]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        _hand_over(state, settings[role])
+
+
+def _hand_over(state: RoleState, saved_groups: list[dict[str, Any]]) -> None:
+    """After a load: the engine takes the loaded values (`RoleState.finish`) and the optimizer its saved param-group
+    settings."""
+    state.finish()
+    for group, saved in zip(state.groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def load_full(roles: dict[str, RoleState], extra: dict[str, dict[str, Tensor]],
@@ -177,9 +183,7 @@ def load_full(roles: dict[str, RoleState], extra: dict[str, dict[str, Tensor]],
             for key, value in saved["state"].get(i, {}).items():
                 if f"{name}.{key}" in state.states:   # ZeRO-1/2: parameters outside this process's slice have none
                     state.states[f"{name}.{key}"].fill(torch.as_tensor(value, dtype=torch.float32))
-        state.finish()
-        for group, settings in zip(state.groups, saved["param_groups"]):
-            group.update({k: v for k, v in settings.items() if k != "params"})
+        _hand_over(state, saved["param_groups"])
     for group, tensors in extra.items():
         for k, t in tensors.items():
             local_part(t).fill(saved_extra[group][k])

@@ -14,7 +14,7 @@ What fewstep adds to what accelerate does:
   own copies, which bf16 mixed precision rounds;
 - stage 3: models load whole (`load_whole`: the frozen networks are never given to DeepSpeed), the trainer gathers
   partitioned parameters where it reads or writes them outside a forward (`gathered`: EMA, the recipe's
-  after-step hook, loading a checkpoint) and gathers the export network one parameter at a time into a weightless
+  after-step hook) and gathers the export network one parameter at a time into a weightless
   copy on the main process (`full_module`), and every process runs the preview's forwards (each forward gathers).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.errors import FewstepError
+from fewstep.train.shards import Local, RoleState
 
 MOMENTS = ("exp_avg", "exp_avg_sq")   # AdamW's per-parameter states beside its step count
 
@@ -165,7 +166,7 @@ def _states_exist(zero: Any) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def role_state(named: dict[str, nn.Parameter], opt: Any) -> Any:
+def role_state(named: dict[str, nn.Parameter], opt: Any) -> RoleState:
     """This process's part of a role's checkpoint under ZeRO (`shards.RoleState`): of each parameter, the range
     of its flattened elements that this process's fp32 master partition holds, and the same range of Adam's
     moments; nothing is gathered. ZeRO-3 partitions each parameter into equal slices of its padded flat form
@@ -175,8 +176,6 @@ def role_state(named: dict[str, nn.Parameter], opt: Any) -> Any:
     copies from the fp32 masters (ZeRO-3: each partition; ZeRO-1/2: `update_lp_params`, an all-gather)."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-    from fewstep.train.shards import Local, RoleState
 
     zero = _zero(opt)
     base, flats = zero.optimizer, _flats(zero)
