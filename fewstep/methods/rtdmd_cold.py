@@ -1,12 +1,12 @@
 """RTDMD stage 1, AC-DMD (`recipe=rtdmd_cold`; algorithms.md §6.3): the `method:` settings, torch-free."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from fewstep.errors import FewstepError
 from fewstep.methods.card import MethodCard
+from fewstep.methods.reward import RewardTermConfig, check_reward_terms
 
 
 @dataclass
@@ -25,6 +25,9 @@ class ACDMDConfig:
     critic_mode: str = "lora"                 # lora (adapter on the shared frozen base) | full (trainable copy)
     critic_rank: int = 16
     critic_alpha: float = 16.0
+    reward: list[RewardTermConfig] = field(default_factory=list)   # as dmd2's: reward backprop on the student's x0
+    reward_weight: float = 0.0               # ... at the last executed step, with this weight (0 = off; not official)
+    reward_margin: Optional[float] = None    # null: minimise -mean(r); a number: the hinge relu(margin - r)
 
 
 def ac_dmd_rules(method: Any, run: Any) -> None:
@@ -40,6 +43,7 @@ def ac_dmd_rules(method: Any, run: Any) -> None:
         raise FewstepError("method.critic_steps_per_student_step must be >= 1")
     if method.real_guidance < 1:
         raise FewstepError(f"method.real_guidance must be >= 1 (got {method.real_guidance})")
+    check_reward_terms(method.reward, method.reward_weight, method.reward_margin)
 
 
 CARD = MethodCard(name="rtdmd_cold", config=ACDMDConfig, builder="fewstep.recipes.ac_dmd:build_ac_dmd",

@@ -4,7 +4,9 @@ steps with the gradient on the last one, anchors the fake score's denoising on t
 noise level s (the subinterval target of §4.2, weighted min(1, 10 b^2)) plus the two-sample ambient-consistency
 regulariser, and every `critic_steps_per_student_step`-th iteration moves the student along the DMD direction
 projected back to s by the same CPS step for teacher and fake. s = 0 (a full rollout) is plain DMD. The export
-samples with CPS (`cps:eta=...`); `train.ema_decay` gives the generator EMA that seeds stage 2."""
+samples with CPS (`cps:eta=...`); `train.ema_decay` gives the generator EMA that seeds stage 2. `method.reward`
+with `method.reward_weight` adds dmd2's reward backprop on the student's x0 at that last step (not in the official
+stage 1, which trains on no reward)."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -22,6 +24,7 @@ from fewstep.recipes import dm
 from fewstep.recipes import losses as L
 from fewstep.recipes.base import Batch, InferenceSpec, Recipe, StepOutput
 from fewstep.recipes.build import build_student_and_critic, dmd_student_times, inference_spec
+from fewstep.recipes.reward import RewardLoss, build_reward_loss
 from fewstep.sampling.draws import Draws, Generators, randn, uniform
 from fewstep.sampling.rollout import rollout
 from fewstep.sampling.steps import make_step, parse_step, step_spec
@@ -37,10 +40,10 @@ class ACDMD(Recipe):
     def __init__(self, *, student: nn.Module, student_net: nn.Module, student_params: dict[str, nn.Parameter],
                  real: nn.Module, critic: nn.Module, critic_params: dict[str, nn.Parameter], schedule: Schedule,
                  latent_shape: tuple[int, ...], config: ACDMDConfig, inference: InferenceSpec,
-                 critic_space: str) -> None:
+                 critic_space: str, reward: RewardLoss | None = None) -> None:
         self.cfg, self.spec, self.schedule, self.shape = config, inference, schedule, tuple(latent_shape)
         self.student_net, self.student, self.real, self.critic = student_net, student, real, critic
-        self.critic_space = critic_space
+        self.critic_space, self.reward = critic_space, reward
         self._params = {"student": student_params, "critic": dict(critic_params)}
         self.times = torch.tensor(inference.times, dtype=torch.float64)   # ends at 0
         self.step = make_step(inference.step)                              # CPS with the run's eta
@@ -60,19 +63,23 @@ class ACDMD(Recipe):
     def train_step(self, batch: Batch, step: int, draws: Draws) -> StepOutput:
         c, gen = self.cfg, draws.sample
         student_turn = step % c.critic_steps_per_student_step == 0
-        x_s, s, k = self.last_step(batch, draws, grad=student_turn)
+        x_s, x0, s, k = self.last_step(batch, draws, grad=student_turn)
         tau = self.renoise_times(len(x_s), s, gen, x_s.device)
         x_tau = L.subinterval_noise(x_s, s, tau, self.schedule, noise=randn(x_s.shape, gen))
         losses, metrics = {}, {"rollout_steps": float(k + 1)}
         if student_turn:
             losses["student"], metrics["dm_grad_norm"] = self.student_loss(x_s, s, x_tau, tau, batch, gen)
+            if self.reward is not None:      # reward backprop through the VAE decode of that step's x0
+                term, reward_metrics = self.reward.loss(x0, batch.prompts)
+                losses["student"] = losses["student"] + term
+                metrics.update(reward_metrics)
         losses["critic"], metrics["loss/consistency"] = self.critic_loss(x_s.detach(), s, x_tau, tau, batch, gen)
         return StepOutput(losses, metrics)
 
-    def last_step(self, batch: Batch, draws: Draws, grad: bool) -> tuple[Tensor, float, int]:
-        """(x_s, s, k): the output of the rollout's last executed CPS step (J ~ U{1..M} steps with random stop, one J
-        for the global batch) with the gradient through that step's student call only, its noise level, and the
-        index k = J - 1 of that step."""
+    def last_step(self, batch: Batch, draws: Draws, grad: bool) -> tuple[Tensor, Tensor, float, int]:
+        """(x_s, x0, s, k): the output of the rollout's last executed CPS step (J ~ U{1..M} steps with random stop,
+        one J for the global batch) and the student's x0 at that step, with the gradient through that step's student
+        call only, its noise level, and the index k = J - 1 of that step."""
         dev, gen = next(iter(batch.cond.values())).device, draws.sample
         m = len(self.times) - 1
         k = draws.choice(0, m) if self.cfg.random_stop else m - 1          # index of the last executed step
@@ -82,7 +89,7 @@ class ACDMD(Recipe):
                            generator=gen, until=k, grad="last")
             t, s = self.times[k], self.times[k + 1]
             x_s = self.step(traj.x, traj.x0, t.expand(len(x)), s.expand(len(x)), self.schedule, gen)
-        return x_s, float(s), k
+        return x_s, traj.x0, float(s), k
 
     def renoise_times(self, n: int, s: float, generator: Generators, device: torch.device) -> Tensor:
         """tau ~ U[s + offset, 1], clamped to [renoise_t_min, renoise_t_max] (float64, per sample)."""
@@ -144,4 +151,5 @@ def build_ac_dmd(cfg: DictConfig, teacher: Teacher) -> ACDMD:
     return ACDMD(student=sc.student, student_net=sc.net, student_params=sc.student_params,
                  real=WithAdapter(teacher.denoiser(teacher.net), None), critic=sc.critic,
                  critic_params=sc.critic_params, schedule=teacher.schedule, latent_shape=teacher.latent_shape(),
-                 config=method, inference=spec, critic_space="flow" if teacher.schedule.kind == "flow" else "eps")
+                 config=method, inference=spec, critic_space="flow" if teacher.schedule.kind == "flow" else "eps",
+                 reward=build_reward_loss(method.reward, method.reward_weight, method.reward_margin, teacher))

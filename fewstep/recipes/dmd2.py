@@ -210,5 +210,4 @@ def build_dmd2(cfg: DictConfig, teacher: Teacher) -> DMD2:
                 inference=inference_spec(cfg, teacher, "consistency", dmd_student_times), critic_space=space,
                 gan=gan_parts(sc.critic, sc.critic_net, teacher, method.gan_head_width) if use_gan else None,
                 pairs=pairs_draw(method.pairs_path, teacher) if method.regression_weight > 0 else None,
-                reward=build_reward_loss(method.reward, method.reward_weight, method.reward_margin,
-                                         lambda x0: teacher.decode(x0, grad=True), next(teacher.net.parameters()).device))
+                reward=build_reward_loss(method.reward, method.reward_weight, method.reward_margin, teacher))

@@ -4,7 +4,7 @@ they are never trained, never prepared by the engine and never written to checkp
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from fewstep.errors import FewstepError
 from fewstep.methods.reward import RewardTermConfig, is_import_path
 from fewstep.metrics.rewards import RewardFn, build_reward
+
+if TYPE_CHECKING:
+    from fewstep.models.teacher import Teacher
 
 
 def reward_objective(r: Tensor, margin: float | None) -> Tensor:
@@ -64,8 +67,11 @@ class RewardLoss:
 
 
 def build_reward_loss(terms: Sequence[RewardTermConfig], weight: float, margin: float | None,
-                      decode: Callable[[Tensor], Tensor], device: torch.device | str) -> RewardLoss | None:
-    """None when the run trains on no reward (weight 0), else the models built, frozen and on `device`."""
+                      teacher: Teacher) -> RewardLoss | None:
+    """None when the run trains on no reward (weight 0), else the models built, frozen and on the teacher's device,
+    scoring the teacher's VAE decode of x0 with gradients."""
     if weight <= 0:
         return None
-    return RewardLoss([(t.weight, build_reward_model(t).to(device)) for t in terms], decode, weight, margin)
+    device = next(teacher.net.parameters()).device
+    return RewardLoss([(t.weight, build_reward_model(t).to(device)) for t in terms],
+                      lambda x0: teacher.decode(x0, grad=True), weight, margin)

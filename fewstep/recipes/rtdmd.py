@@ -142,8 +142,7 @@ def build_rtdmd(cfg: DictConfig, teacher: Teacher) -> RTDMD:
                  real=WithAdapter(original.denoiser(original.net), None), critic=sc.critic,
                  critic_params=sc.critic_params, schedule=teacher.schedule, latent_shape=teacher.latent_shape(),
                  config=ac, inference=spec, critic_space="flow" if teacher.schedule.kind == "flow" else "eps")
-    decode = lambda x0: teacher.decode(x0, grad=True)   # noqa: E731
-    rewards = build_reward_loss(method.reward, 1.0, None, decode, device)
+    rewards = build_reward_loss(method.reward, 1.0, None, teacher)
     assert rewards is not None
-    bp = RewardLoss(rewards.terms, decode, method.bp_weight, method.bp_margin) if method.bp_weight > 0 else None
+    bp = RewardLoss(rewards.terms, rewards.decode, method.bp_weight, method.bp_margin) if method.bp_weight > 0 else None
     return RTDMD(core=core, config=method, rewards=rewards, bp=bp)
