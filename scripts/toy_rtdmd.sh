@@ -5,7 +5,8 @@
 # (recipe=rtdmd, the digits-class reward), the plain DMD2 student and DMD2 with reward backprop at stage 2's
 # reward-backprop weight; then every student and the teacher scored with FID on both digits feature spaces, class
 # accuracy, diversity, the digits-class reward that RTDMD trains on and micro-CLIP, a scorer no run trains on
-# (reward hacking shows as a gain in the first without the second). About 70 minutes per teacher on 2 CPU cores;
+# (reward hacking shows as a gain in the first without the second). The teacher is scored at four CFG scales, its
+# own accuracy-diversity frontier, which a reward-tilted student should beat. About 75 minutes per teacher on 2 cores;
 # runs already exported are skipped, so an interrupted call resumes where it stopped.
 #   bash scripts/toy_rtdmd.sh                # flow toy teacher
 #   bash scripts/toy_rtdmd.sh toy-digits     # VP toy teacher
@@ -33,5 +34,5 @@ for seed in 0 1; do
     students+=(--student "${name%-s$seed} (seed $seed)=$RUNS/$name/export")
   done
 done
-python scripts/toy_benchmark.py --teacher $M "${students[@]}" --teacher-steps 50,4 --teacher-guidance 1.5,1 \
+python scripts/toy_benchmark.py --teacher $M "${students[@]}" --teacher-steps 50,4 --teacher-guidance 1.5,1.25,1.1,1 \
   --rewards digits-class,micro-clip --section $SECTION -n 1000
