@@ -208,6 +208,18 @@ def _lora_export(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "export" / "pytorch_lora_weights.safetensors")
 
 
+def resume_copy(src: Path, dest: Path, step: int = 2) -> Path:
+    """A new run folder holding `src`'s config, its metrics (where it logged any) and its step-`step` checkpoint
+    only: a run resumed there (`resume=latest`) can start from nothing else."""
+    (dest / "checkpoints").mkdir(parents=True)
+    for f in ("config.yaml", "metrics.jsonl"):
+        if (src / f).exists():
+            shutil.copy(src / f, dest / f)
+    name = f"step-{step:07d}"
+    shutil.copytree(src / "checkpoints" / name, dest / "checkpoints" / name)
+    return dest
+
+
 def test_fsdp2_runs_save_shards_export_full_weights_and_resume_anywhere(teacher_dir: Path, tmp_path: Path):
     """`fewstep distill` under FSDP2 on 2 processes: each process writes its shard of every checkpoint (safetensors
     only), the sample grids and the export come out as in any run, and the export equals the 1-process run's.
@@ -247,20 +259,12 @@ def test_fsdp2_runs_save_shards_export_full_weights_and_resume_anywhere(teacher_
 
     close_to_reference(two)
     for name, launch in (("on-one", single), ("on-two", fsdp2)):
-        moved = tmp_path / name
-        moved.mkdir()
-        for f in ("config.yaml", "metrics.jsonl"):
-            shutil.copy(two / f, moved / f)
-        shutil.copytree(ck, moved / "checkpoints" / ck.name)
+        moved = resume_copy(two, tmp_path / name)
         done = launch(moved, "resume=latest")
         assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
         close_to_reference(moved)
     # the 1-process run's step-2 checkpoint of full tensors, resumed by 2 FSDP2 processes (each takes its rows)
-    from_one = tmp_path / "from-one"
-    from_one.mkdir()
-    for f in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(one / f, from_one / f)
-    shutil.copytree(one / "checkpoints" / ck.name, from_one / "checkpoints" / ck.name)
+    from_one = resume_copy(one, tmp_path / "from-one")
     done = fsdp2(from_one, "resume=latest")
     assert done.returncode == 0 and "resumed from" in done.stdout + done.stderr, done.stderr[-3000:]
     close_to_reference(from_one)
@@ -304,20 +308,13 @@ def test_fsdp2_distill_exports_and_resumes_like_one_process(recipe: str, teacher
     one = subprocess.run([*distill, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path, env=ENV, capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    shutil.copy(tmp_path / "two" / "config.yaml", moved / "config.yaml")
-    ck = tmp_path / "two" / "checkpoints" / "step-0000002"
-    assert len(list((ck / "shards").glob("*.safetensors"))) == 2
-    shutil.copytree(ck, moved / "checkpoints" / ck.name)
+    assert len(list((tmp_path / "two" / "checkpoints" / "step-0000002" / "shards").glob("*.safetensors"))) == 2
+    moved = resume_copy(tmp_path / "two", tmp_path / "moved")
     resumed = subprocess.run([*distill, f"output_dir={moved}", "resume=latest"], cwd=tmp_path, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     # and the 1-process run's step-2 checkpoint of full tensors, resumed by 2 FSDP2 processes
-    from_one = tmp_path / "from-one"
-    from_one.mkdir()
-    shutil.copy(tmp_path / "one" / "config.yaml", from_one / "config.yaml")
-    shutil.copytree(tmp_path / "one" / "checkpoints" / ck.name, from_one / "checkpoints" / ck.name)
+    from_one = resume_copy(tmp_path / "one", tmp_path / "from-one")
     resumed = subprocess.run([*LAUNCH, "--main_process_port", free_port(), str(ROOT / "tests" / "fsdp2_cpu_train.py"),
                               "unused", "--engine", "fsdp2-run", *args, f"output_dir={from_one}", "data.batch_size=2",
                               "resume=latest"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)

@@ -9,7 +9,6 @@ file is skipped where it is not installed (`pip install --no-build-isolation dee
 installed torch; 0.19.8 here, its CPU accelerator with gloo)."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_world_size import ENV, LAUNCH, RECIPES, ROOT, _lora_export, final_weights
+from test_world_size import ENV, LAUNCH, RECIPES, ROOT, _lora_export, final_weights, resume_copy
 from tiny_pipelines import free_port
 
 pytest.importorskip("deepspeed")
@@ -43,16 +42,6 @@ def single(teacher: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss/student"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def moved(src: Path, dest: Path, step: int = 2) -> Path:
-    """A new run folder holding `src`'s config, metrics and step-`step` checkpoint only (to resume from it)."""
-    (dest / "checkpoints").mkdir(parents=True)
-    for f in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(src / f, dest / f)
-    name = f"step-{step:07d}"
-    shutil.copytree(src / "checkpoints" / name, dest / "checkpoints" / name)
-    return dest
 
 
 @STAGES
@@ -92,14 +81,14 @@ def test_zero_matches_one_process_and_its_checkpoints_resume_anywhere(stage: int
     assert len(files) == 2 and sum(per_file) == total and max(per_file) < total, (per_file, total)
     # the ZeRO run's step-2 checkpoint, resumed by 1 process without DeepSpeed and by 2 ZeRO processes; a
     # checkpoint resumed without the optimizer states it holds ends 2.5e-3 away (measured), far outside the bound
-    on_one = moved(two, tmp_path / "on-one")
+    on_one = resume_copy(two, tmp_path / "on-one")
     assert (done := single(teacher_dir, on_one, "resume=latest")).returncode == 0, done.stderr[-3000:]
-    on_two = moved(two, tmp_path / "on-two")
+    on_two = resume_copy(two, tmp_path / "on-two")
     assert (done := zero(stage, teacher_dir, on_two, "resume=latest")).returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
     resumed = [on_one, on_two]
     if stage == 3:   # and by 2 FSDP2 processes: the same layout, resharded
-        on_fsdp2 = moved(two, tmp_path / "on-fsdp2")
+        on_fsdp2 = resume_copy(two, tmp_path / "on-fsdp2")
         harness = [str(ROOT / "tests" / "fsdp2_cpu_train.py"), "unused", "--engine", "fsdp2-run"]
         cmd = [*LAUNCH, "--main_process_port", free_port(), *harness, *LCM, f"teacher.pretrained={teacher_dir}",
                f"output_dir={on_fsdp2}", "data.batch_size=2", "resume=latest"]
@@ -115,7 +104,7 @@ def test_zero_matches_one_process_and_its_checkpoints_resume_anywhere(stage: int
         for k in ran:   # which a resumed run recomputes with pow(beta, t); measured: max |difference| 1.2e-7
             torch.testing.assert_close(again[k], ran[k], rtol=0, atol=1e-6, msg=k)
     # a 1-process checkpoint resumed under ZeRO (its optimizer states scattered into the partitions)
-    from_one = moved(one, tmp_path / "from-one")
+    from_one = resume_copy(one, tmp_path / "from-one")
     assert (done := zero(stage, teacher_dir, from_one, "resume=latest")).returncode == 0, done.stderr[-3000:]
     close_to_reference(from_one)
 
