@@ -351,8 +351,10 @@ class Trainer:
             self.schedulers[role].load_state_dict(blobs["schedulers"][role])
             apply_lr(self.optimizers[role], self.schedulers[role], wanted[role])
         torch.set_rng_state(blobs["rng"]["torch"])
-        if self.ema is not None and "ema" in blobs:
-            self.ema.load_state_dict(blobs["ema"])
+        if self.ema is not None and "ema" in blobs:   # an engine that spreads the weights took the shadow ones by range
+            state = blobs["ema"]
+            self.ema.load_state_dict({k: v for k, v in state.items() if k != "shadow_params"} if self.optim.spread
+                                     else state)
         self.step = int(meta["step"])
         self._window = {k: (float(total), int(count)) for k, (total, count) in meta.get("log_window", {}).items()}
         if self.acc.is_main_process:   # rows logged after this checkpoint are logged again from here on
@@ -405,8 +407,8 @@ class Trainer:
         from fewstep.train import shards
 
         saved_extra = {"extra": tensors.get("extra", {})}
-        if self.ema is not None and "ema" in blobs:   # its shadow weights go in by range, the rest as usual
-            saved_extra["ema.student"] = dict(zip(self.params["student"], blobs["ema"].pop("shadow_params")))
+        if self.ema is not None and "ema" in blobs:   # its shadow weights go in by range; restore loads the rest
+            saved_extra["ema.student"] = dict(zip(self.params["student"], blobs["ema"]["shadow_params"]))
         try:
             shards.load_full({r: self.optim.role_state(r) for r in self.roles}, self._shard_extra(), weights,
                              blobs["optimizers"], saved_extra)
