@@ -6,7 +6,8 @@
 # reward-backprop weight; then every student and the teacher scored with FID on both digits feature spaces, class
 # accuracy, diversity, the digits-class reward that RTDMD trains on and micro-CLIP, a scorer no run trains on
 # (reward hacking shows as a gain in the first without the second). The teacher is scored at four CFG scales, its
-# own accuracy-diversity frontier, which a reward-tilted student should beat. About 75 minutes per teacher on 2 cores;
+# own accuracy-diversity frontier, which a reward-tilted student should beat, and the teacher at CFG 1 tilted by the
+# digits-class reward (exact draws by rejection sampling), the target a tilted student approaches. About 75 minutes per teacher on 2 cores;
 # runs already exported are skipped, so an interrupted call resumes where it stopped.
 #   bash scripts/toy_rtdmd.sh                # flow toy teacher
 #   bash scripts/toy_rtdmd.sh toy-digits     # VP toy teacher
@@ -35,4 +36,4 @@ for seed in 0 1; do
   done
 done
 python scripts/toy_benchmark.py --teacher $M "${students[@]}" --teacher-steps 50,4 --teacher-guidance 1.5,1.25,1.1,1 \
-  --rewards digits-class,micro-clip --section $SECTION -n 1000
+  --tilt-beta 1,0.5,0.25 --rewards digits-class,micro-clip --section $SECTION -n 1000

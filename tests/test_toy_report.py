@@ -10,7 +10,8 @@ import torch
 
 from fewstep.data.digits import class_balanced_prompts
 from fewstep.metrics.rewards import build_reward
-from fewstep.metrics.toy_report import main, mean_rewards
+from fewstep.metrics.toy_report import (main, mean_rewards, rejection_sample, tilt_accept_prob,
+                                          tilted_teacher_images)
 
 
 def test_reward_columns_are_the_rewards_means(tmp_path: Path):
@@ -68,3 +69,47 @@ def test_update_rescores_named_rows_and_keeps_the_others(tmp_path: Path, capsys)
     with pytest.raises(SystemExit) as e:
         main(base + ["--teacher-steps", "", "--update", "--drop", "no such row"])
     assert e.value.code == 2 and "has no row 'no such row'" in capsys.readouterr().err
+
+
+def test_tilt_accept_prob_is_the_bounded_exponential():
+    r = torch.tensor([0.0, -0.5, -2.0])
+    assert torch.allclose(tilt_accept_prob(r, 0.5, 0.0), torch.exp(r.double() / 0.5))
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        tilt_accept_prob(r, 0.0, 0.0)
+    with pytest.raises(ValueError, match="exceeds its stated upper bound"):
+        tilt_accept_prob(torch.tensor([0.1]), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.25])
+def test_rejection_sample_draws_the_tilted_gaussian(beta: float):
+    """N(0, 1) tilted by exp(-x^2 / beta) is N(0, beta / (beta + 2)): the sampler's variance matches it, and a
+    second call gives the same draws (slot i, round k always proposes seed i + k * n)."""
+    n = 4000
+
+    def propose(slots, seeds):
+        x = torch.stack([torch.randn((), generator=torch.Generator().manual_seed(10_000_000 + s)) for s in seeds])
+        return x, -x ** 2
+
+    x = rejection_sample(propose, n, beta, 0.0, seed=0)
+    want = beta / (beta + 2)
+    assert x.var().item() == pytest.approx(want, rel=0.06)   # SE of a variance at n = 4000: 2.2 %
+    assert abs(x.mean().item()) < 4 * (want / n) ** 0.5
+    assert torch.equal(rejection_sample(propose, n, beta, 0.0, seed=0), x)   # keyed by seed: reproducible
+    with pytest.raises(ValueError, match="use a larger beta"):
+        rejection_sample(propose, 5, 1e-4, 0.0, seed=0, max_rounds=1)
+
+
+def test_tilted_rows_raise_the_reward(tmp_path: Path):
+    """--tilt-beta adds rows of the tilted teacher, named by reward and beta, whose digits-class mean is above the
+    untilted teacher's at the same steps and CFG; a reward without a known maximum is refused."""
+    results = tmp_path / "results.md"
+    rows = main(["--teacher", "toy-digits", "--teacher-steps", "4", "--teacher-guidance", "1", "-n", "30",
+                 "--results", str(results), "--grids", "", "--section", "t", "--rewards", "digits-class",
+                 "--tilt-beta", "2,0.5"])
+    assert [r.name for r in rows[1:]] == [f"teacher DDIM 4 steps, w=1, tilted by digits-class at beta={b}"
+                                          for b in ("2", "0.5")]
+    plain, b2, b05 = (r.rewards["digits-class"] for r in rows)
+    assert plain < b2 < b05
+    assert "tilted by digits-class at beta=0.5" in results.read_text()
+    with pytest.raises(ValueError, match="known maximum"):
+        tilted_teacher_images(None, None, build_reward("micro-clip"), 1.0, ["a handwritten digit 1"], 0)

@@ -320,6 +320,7 @@ class DigitsClassReward(_Frozen):
         path = _require_path(weights if weights is not None else DEFAULT_WEIGHTS, "digits classifier weights",
                              "scripts/train_digits_classifier.py (run it to create the file)")
         self.net, self.kind, self.weights = load_digits_classifier(path), kind, str(path)
+        self.upper_bound = 0.0 if kind == "logprob" else 1.0   # log p <= 0, p <= 1: bounds rejection sampling
         self.freeze()
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

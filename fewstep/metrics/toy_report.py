@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,6 +82,81 @@ def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int
         save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
     return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity,
                seconds / n, n, digits_mlp_fid(images), mean_rewards(images, prompts, rewards or {}))
+
+
+def tilt_accept_prob(scores: torch.Tensor, beta: float, upper_bound: float) -> torch.Tensor:
+    """Acceptance probability exp((r - r_max) / beta) of rejection sampling from the reward-tilted target
+    p(x) exp(r(x) / beta) (RTDMD, algorithms.md §6.1) with proposals from p: an exact sampler when r <= r_max."""
+    if beta <= 0:
+        raise ValueError(f"tilt beta must be > 0, got {beta}")
+    if bool((scores > upper_bound + 1e-6).any()):
+        raise ValueError(f"a reward of {float(scores.max()):.4g} exceeds its stated upper bound {upper_bound}")
+    return torch.exp((scores.double() - upper_bound) / beta).clamp(max=1.0)
+
+
+def rejection_sample(propose: Callable[[list[int], list[int]], tuple[torch.Tensor, torch.Tensor]], n: int,
+                     beta: float, upper_bound: float, seed: int, max_rounds: int = 100) -> torch.Tensor:
+    """n exact draws from p(x) exp(r(x) / beta), one per slot: `propose(slots, seeds)` returns draws from p and their
+    rewards; slot i proposes seed + i + k * n in round k and keeps the first draw accepted, with uniforms keyed by
+    the same seed, so the result does not depend on batching. Raises ValueError where a slot finds none."""
+    out: list[torch.Tensor | None] = [None] * n
+    pending = list(range(n))
+    for k in range(max_rounds):
+        if not pending:
+            break
+        seeds = [seed + i + k * n for i in pending]
+        draws, scores = propose(pending, seeds)
+        accept = tilt_accept_prob(scores, beta, upper_bound)
+        for j, (i, s) in enumerate(zip(pending, seeds)):
+            if torch.rand((), generator=torch.Generator().manual_seed(s), dtype=torch.float64) < accept[j]:
+                out[i] = draws[j]
+        pending = [i for i in pending if out[i] is None]
+    if pending:
+        raise ValueError(f"tilt beta={beta:g}: {len(pending)} of {n} slots had no accepted draw in {max_rounds} "
+                         "rounds; use a larger beta")
+    return torch.stack(out)
+
+
+def tilted_teacher_images(teacher: Teacher, spec: InferenceSpec, reward: RewardFn, beta: float, prompts: list[str],
+                          seed: int) -> torch.Tensor:
+    """One exact draw per prompt from the teacher (at `spec`) tilted by the reward at temperature beta."""
+    bound = getattr(reward, "upper_bound", None)
+    if bound is None:
+        raise ValueError(f"--tilt-beta needs a reward with a known maximum (e.g. digits-class), not "
+                         f"{getattr(reward, 'name', type(reward).__name__)}")
+    times = torch.tensor(spec.times, dtype=torch.float64)
+
+    def propose(slots: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ps = [prompts[i] for i in slots]
+        images = generate_images(teacher, spec.wrap(teacher.denoiser()), teacher.net, ps, seeds, times, spec.step,
+                                 spec.guidance_scale, batch_size=250)
+        return images, torch.cat([reward(images[j:j + 250], ps[j:j + 250]).float() for j in range(0, len(ps), 250)])
+
+    return rejection_sample(propose, len(prompts), beta, bound, seed)
+
+
+def tilted_rows(teacher: Teacher, steps: int, guidance: float, reward_name: str, betas: list[float], n: int,
+                seed: int, grid_dir: Path | None, rewards: dict[str, RewardFn]) -> list[Row]:
+    """The teacher at `steps` and CFG `guidance`, tilted by `reward_name` at each beta (rejection sampling): the
+    target a reward-tilted student (recipe=rtdmd) approaches, for the benchmark to set students against. Timed per
+    accepted image, rejected draws included."""
+    reward = rewards.get(reward_name) or build_reward(reward_name)
+    prompts = class_balanced_prompts(n)
+    labels = [parse_digit(p) for p in prompts]
+    spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", guidance)
+    rows = []
+    for beta in betas:
+        name = f"teacher {sampler_name(teacher)} {steps} steps, w={guidance:g}, tilted by {reward_name} at beta={beta:g}"
+        tic = time.perf_counter()
+        images = tilted_teacher_images(teacher, spec, reward, beta, prompts, seed)
+        seconds = time.perf_counter() - tic
+        scores = score_digits(images, labels)
+        if grid_dir is not None:
+            order = sorted(range(min(n, 100)), key=lambda i: labels[i])
+            save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
+        rows.append(Row(name, steps, guidance, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n,
+                        digits_mlp_fid(images), mean_rewards(images, prompts, rewards)))
+    return rows
 
 
 def slug(name: str) -> str:
@@ -191,6 +267,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--grids", default="docs/img", help="folder for one 10x10 grid per row ('' = none)")
     p.add_argument("--rewards", default="", help="comma-separated reward names (fewstep's registry, e.g. "
                    "digits-class,micro-clip): a column of each one's mean per row")
+    p.add_argument("--tilt-beta", default="", help="comma-separated temperatures: rows of the teacher (first "
+                   "--teacher-steps count, CFG --tilt-guidance) tilted by --tilt-reward, p(x) exp(r(x) / beta), drawn "
+                   "exactly by rejection sampling: the target RTDMD distils towards")
+    p.add_argument("--tilt-reward", default="digits-class", help="the reward of the tilted rows (one with a known "
+                   "maximum)")
+    p.add_argument("--tilt-guidance", type=float, default=1.0, help="teacher CFG scale of the tilted rows")
     p.add_argument("--update", action="store_true", help="re-score only this command's rows; keep the section's "
                    "other rows (replaced where the names match) and name this command as the one that scored them")
     p.add_argument("--drop", action="append", default=[], help="with --update: a row of the section to remove, by "
@@ -244,6 +326,10 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
     teacher = load_teacher(args.teacher)
     rows = teacher_rows(teacher, _ints(args.teacher_steps), _floats(args.teacher_guidance), args.num_images,
                         args.seed, grid_dir, rewards)
+    if args.tilt_beta:
+        steps = (_ints(args.teacher_steps) or [50])[0]
+        rows += tilted_rows(teacher, steps, args.tilt_guidance, args.tilt_reward, _floats(args.tilt_beta),
+                            args.num_images, args.seed, grid_dir, rewards)
     for spec in args.student:
         label, _, path = spec.partition("=")
         rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir,
