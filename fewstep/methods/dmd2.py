@@ -1,16 +1,16 @@
 """DMD2's `method:` settings (algorithms.md §3, §7.1; DMD v1's regression term), torch-free."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 from fewstep.errors import FewstepError
 from fewstep.methods.card import MethodCard
-from fewstep.methods.reward import RewardTermConfig, check_reward_terms
+from fewstep.methods.reward import RewardBackpropConfig, check_reward_backprop
 
 
 @dataclass
-class DMD2Config:
+class DMD2Config(RewardBackpropConfig):
     critic_steps_per_student_step: int = 5   # TTUR ratio N (official: 5 SDXL, 10 SD1.5)
     real_guidance: float = 2.0               # teacher CFG w_real in the DM term (Imagen convention)
     dm_t_min: float = 0.02                   # DM timesteps t ~ U[0.02, 0.98] (DMD2 min/max_step_percent)
@@ -37,9 +37,6 @@ class DMD2Config:
     regression_weight: float = 0.0           # DMD (v1): lambda_reg on teacher noise->image pairs (paper: 0.25)
     regression_loss: str = "l2"              # l2 | huber, in latent space (LPIPS needs weights fewstep lacks)
     pairs_path: str = ""                     # folder written by `fewstep pairs`
-    reward: list[RewardTermConfig] = field(default_factory=list)   # weighted rewards on the student's decoded x0
-    reward_weight: float = 0.0               # reward backprop's weight in the student loss (0 = off)
-    reward_margin: Optional[float] = None    # null: minimise -mean(r); a number: RTDMD's hinge relu(margin - r)
 
 
 def dmd2_rules(method: Any, run: Any) -> None:
@@ -51,7 +48,7 @@ def dmd2_rules(method: Any, run: Any) -> None:
     if run.data.source == "prompts" and (method.gan_critic_weight > 0 or method.gan_generator_weight > 0):
         raise FewstepError("the GAN term needs real images: use data.source=digits or folder, or set "
                            "method.gan_generator_weight=0 method.gan_critic_weight=0")
-    check_reward_terms(method.reward, method.reward_weight, method.reward_margin)
+    check_reward_backprop(method)
     if method.regression_weight > 0 and not method.pairs_path:
         raise FewstepError("method.regression_weight > 0 needs method.pairs_path: build teacher pairs with "
                            "`fewstep pairs <teacher> --out DIR` and pass method.pairs_path=DIR")

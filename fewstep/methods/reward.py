@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from fewstep.errors import FewstepError
 
@@ -21,6 +21,21 @@ class RewardTermConfig:
     name: str = ""
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)   # constructor arguments: weight-file paths, scale, ...
+
+
+@dataclass
+class RewardBackpropConfig:
+    """Reward backprop on the student's decoded x0, shared by the recipes that take it (dmd2 and its kin,
+    rtdmd_cold): the rewards, the term's weight in the student loss (0 = off), and the loss's form."""
+
+    reward: list[RewardTermConfig] = field(default_factory=list)
+    reward_weight: float = 0.0
+    reward_margin: Optional[float] = None    # null: minimise -mean(r); a number: RTDMD's hinge relu(margin - r)
+
+
+def check_reward_backprop(method: Any) -> None:
+    """`check_reward_terms` on a RewardBackpropConfig's three settings."""
+    check_reward_terms(method.reward, method.reward_weight, method.reward_margin)
 
 
 def is_import_path(name: str) -> bool:

@@ -1,16 +1,16 @@
 """RTDMD stage 1, AC-DMD (`recipe=rtdmd_cold`; algorithms.md §6.3): the `method:` settings, torch-free."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 from fewstep.errors import FewstepError
 from fewstep.methods.card import MethodCard
-from fewstep.methods.reward import RewardTermConfig, check_reward_terms
+from fewstep.methods.reward import RewardBackpropConfig, check_reward_backprop
 
 
 @dataclass
-class ACDMDConfig:
+class ACDMDConfig(RewardBackpropConfig):
     eta: float = 0.9                          # CPS noise level, theta = eta pi / 2 (training and inference)
     critic_steps_per_student_step: int = 10   # fake:generator update ratio 10:1
     real_guidance: float = 4.5                # teacher CFG in the generator target (SD3.5-M 4.5, SD3-M 7)
@@ -25,9 +25,6 @@ class ACDMDConfig:
     critic_mode: str = "lora"                 # lora (adapter on the shared frozen base) | full (trainable copy)
     critic_rank: int = 16
     critic_alpha: float = 16.0
-    reward: list[RewardTermConfig] = field(default_factory=list)   # as dmd2's: reward backprop on the student's x0
-    reward_weight: float = 0.0               # ... at the last executed step, with this weight (0 = off; not official)
-    reward_margin: Optional[float] = None    # null: minimise -mean(r); a number: the hinge relu(margin - r)
 
 
 def ac_dmd_rules(method: Any, run: Any) -> None:
@@ -43,7 +40,7 @@ def ac_dmd_rules(method: Any, run: Any) -> None:
         raise FewstepError("method.critic_steps_per_student_step must be >= 1")
     if method.real_guidance < 1:
         raise FewstepError(f"method.real_guidance must be >= 1 (got {method.real_guidance})")
-    check_reward_terms(method.reward, method.reward_weight, method.reward_margin)
+    check_reward_backprop(method)
 
 
 CARD = MethodCard(name="rtdmd_cold", config=ACDMDConfig, builder="fewstep.recipes.ac_dmd:build_ac_dmd",
