@@ -4,7 +4,8 @@ fid[digits-mlp] (two independent digits feature spaces: a CNN and an MLP trained
 accuracy and per-class diversity, timed per image, written to docs/results.md by this script only. A "student
 beats teacher" statement stands only where both FIDs agree. `--rewards` adds each named reward's mean over the
 images (e.g. digits-class, the log-probability of the prompted digit that RTDMD trains on, and micro-clip, a scorer
-it does not train on, to catch reward hacking).
+it does not train on, to catch reward hacking). `--tilt-beta` adds rows of the teacher tilted by a reward with a
+known maximum, p(x) exp(r(x) / beta), drawn exactly by rejection sampling: the target RTDMD distils towards.
 
     python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
     python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
