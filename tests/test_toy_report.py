@@ -113,3 +113,27 @@ def test_tilted_rows_raise_the_reward(tmp_path: Path):
     assert "tilted by digits-class at beta=0.5" in results.read_text()
     with pytest.raises(ValueError, match="known maximum"):
         tilted_teacher_images(None, None, build_reward("micro-clip"), 1.0, ["a handwritten digit 1"], 0)
+
+
+def test_rows_carry_the_mlp_witness(tmp_path: Path):
+    """Accuracy and diversity under the MLP (the classifier digits-class does not use) are the MLP's score_digits of
+    the same images, printed next to the CNN's; rows stored before those columns existed print a dash."""
+    from fewstep.metrics.digits import default_mlp, mlp_reference, score_digits
+    from fewstep.metrics.toy_report import InferenceSpec, Row, generate_images, load_teacher, markdown
+
+    results = tmp_path / "results.md"
+    (row,) = main(["--teacher", "toy-digits", "--teacher-steps", "3", "--teacher-guidance", "1", "-n", "20",
+                   "--results", str(results), "--grids", "", "--section", "t"])
+    teacher = load_teacher("toy-digits")
+    spec = InferenceSpec([float(t) for t in teacher.teacher_times(3)], "ddim", 1.0)
+    prompts = class_balanced_prompts(20)
+    with torch.no_grad():
+        images = generate_images(teacher, spec.wrap(teacher.denoiser()), teacher.net, prompts, list(range(20)),
+                                 torch.tensor(spec.times, dtype=torch.float64), spec.step, 1.0, batch_size=250)
+    mlp = score_digits(images, [int(p[-1]) for p in prompts], model=default_mlp(), reference=mlp_reference())
+    assert row.accuracy_mlp == pytest.approx(mlp.class_accuracy) and row.diversity_mlp == pytest.approx(mlp.diversity)
+    assert row.fid_mlp == pytest.approx(mlp.fid, rel=1e-5)
+    assert f"| {row.accuracy:.3f} / {row.accuracy_mlp:.3f} | {row.diversity:.2f} / {row.diversity_mlp:.2f} |" in \
+        results.read_text()
+    old = Row("old", 4, 1.0, 1.0, 0.9, 1.0, 0.001, 20)
+    assert "| 0.900 / – | 1.00 / – |" in markdown([old], "x", 20)

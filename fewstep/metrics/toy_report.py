@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import shlex
@@ -32,7 +33,7 @@ import torch
 
 from fewstep.data.digits import class_balanced_prompts, parse_digit
 from fewstep.export import load_export
-from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, digits_mlp_fid, score_digits
+from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, default_mlp, mlp_reference, score_digits
 from fewstep.metrics.rewards import RewardFn, build_reward
 from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
@@ -52,6 +53,8 @@ class Row:
     n: int
     fid_mlp: float = float("nan")   # fid[digits-mlp]; `fid` is fid[digits-cnn]
     rewards: dict[str, float] = field(default_factory=dict)   # reward name -> mean over the n images
+    accuracy_mlp: float = float("nan")    # class accuracy and diversity under the MLP (`accuracy`, `diversity`: the
+    diversity_mlp: float = float("nan")   # CNN, which digits-class also is): a witness the reward never saw
 
 
 def mean_rewards(images: torch.Tensor, prompts: list[str], rewards: dict[str, RewardFn],
@@ -70,19 +73,27 @@ def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int
     """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it (and each reward), save a 10x10
     grid."""
     prompts = class_balanced_prompts(n)
-    labels = [parse_digit(p) for p in prompts]
     net = teacher.net
     tic = time.perf_counter()
     times = torch.tensor(spec.times, dtype=torch.float64)
     images = generate_images(teacher, spec.wrap(teacher.denoiser()), net, prompts, list(range(seed, seed + n)), times,
                              spec.step, spec.guidance_scale, batch_size=250)
     seconds = time.perf_counter() - tic
-    scores = score_digits(images, labels)
+    return scored_row(name, len(times) - 1, spec.guidance_scale, images, prompts, seconds / n, grid_dir, rewards)
+
+
+def scored_row(name: str, steps: int, guidance: float, images: torch.Tensor, prompts: list[str],
+               sec_per_image: float, grid_dir: Path | None, rewards: dict[str, RewardFn] | None) -> Row:
+    """The row of one image set: FID, accuracy and diversity under both digits classifiers, each reward's mean; a
+    10x10 grid of its first 100 images sorted by label."""
+    labels = [parse_digit(p) for p in prompts]
+    cnn = score_digits(images, labels)
+    mlp = score_digits(images, labels, model=default_mlp(), reference=mlp_reference())
     if grid_dir is not None:
-        order = sorted(range(min(n, 100)), key=lambda i: labels[i])
+        order = sorted(range(min(len(images), 100)), key=lambda i: labels[i])
         save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
-    return Row(name, len(times) - 1, spec.guidance_scale, scores.fid, scores.class_accuracy, scores.diversity,
-               seconds / n, n, digits_mlp_fid(images), mean_rewards(images, prompts, rewards or {}))
+    return Row(name, steps, guidance, cnn.fid, cnn.class_accuracy, cnn.diversity, sec_per_image, len(images),
+               mlp.fid, mean_rewards(images, prompts, rewards or {}), mlp.class_accuracy, mlp.diversity)
 
 
 def tilt_accept_prob(scores: torch.Tensor, beta: float, upper_bound: float) -> torch.Tensor:
@@ -143,20 +154,15 @@ def tilted_rows(teacher: Teacher, steps: int, guidance: float, reward_name: str,
     accepted image, rejected draws included."""
     reward = rewards.get(reward_name) or build_reward(reward_name)
     prompts = class_balanced_prompts(n)
-    labels = [parse_digit(p) for p in prompts]
     spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", guidance)
     rows = []
     for beta in betas:
-        name = f"teacher {sampler_name(teacher)} {steps} steps, w={guidance:g}, tilted by {reward_name} at beta={beta:g}"
+        name = (f"teacher {sampler_name(teacher)} {steps} steps, w={guidance:g}, tilted by {reward_name} at "
+                f"beta={beta:g}")
         tic = time.perf_counter()
         images = tilted_teacher_images(teacher, spec, reward, beta, prompts, seed)
         seconds = time.perf_counter() - tic
-        scores = score_digits(images, labels)
-        if grid_dir is not None:
-            order = sorted(range(min(n, 100)), key=lambda i: labels[i])
-            save_grid(images[order], grid_dir / f"{slug(name)}.png", nrow=10)
-        rows.append(Row(name, steps, guidance, scores.fid, scores.class_accuracy, scores.diversity, seconds / n, n,
-                        digits_mlp_fid(images), mean_rewards(images, prompts, rewards)))
+        rows.append(scored_row(name, steps, guidance, images, prompts, seconds / n, grid_dir, rewards))
     return rows
 
 
@@ -209,19 +215,23 @@ def markdown(rows: list[Row], written_by: str, n: int) -> str:
     """The section: one line on how it was made (`written_by`: `provenance`, or a chain of them), then the table."""
     base = next((r for r in rows if re.match(r"teacher \w+ 50 steps", r.name)), None)
     names = list(rows[0].rewards) if rows else []
-    lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | {MLP_METRIC_NAME} ↓ | class acc ↑ | diversity (1 = real) | "
+    lines = [f"| sampler | NFE-steps | {METRIC_NAME} ↓ | {MLP_METRIC_NAME} ↓ | class acc ↑ (cnn / mlp) | "
+             "diversity (cnn / mlp; 1 = real) | "
              + "".join(f"{k} ↑ | " for k in names) + "s / image | speedup vs 50 steps |",
              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
     for r in rows:
         speed = f"{base.sec_per_image / r.sec_per_image:.1f}×" if base else "–"
-        lines.append(f"| {r.name} | {r.steps} | {r.fid:.2f} | {r.fid_mlp:.2f} | {r.accuracy:.3f} | {r.diversity:.2f} | "
+        lines.append(f"| {r.name} | {r.steps} | {r.fid:.2f} | {r.fid_mlp:.2f} | "
+                     f"{r.accuracy:.3f} / {_num(r.accuracy_mlp, 3)} | {r.diversity:.2f} / {_num(r.diversity_mlp, 2)} | "
                      + "".join(f"{r.rewards[k]:.3f} | " for k in names)
                      + f"{r.sec_per_image * 1000:.2f} ms | {speed} |")
     return "\n".join([f"Written by {written_by}. N = {n} images per row, "
                       f"class-balanced prompts, seeds 0..{n - 1}; {METRIC_NAME} and {MLP_METRIC_NAME} (independent "
                       "classifiers: CNN and MLP, trained on different splits) against all 1797 real digits; a row "
-                      "beats another only where both FIDs agree." + (f" Reward columns: each reward's mean over the "
-                                                                      f"row's images ({', '.join(names)})." if names else ""), "",
+                      "beats another only where both FIDs agree; class accuracy and diversity under each of the two "
+                      "(digits-class, RTDMD's toy reward, is the CNN: the MLP is the witness it never saw)."
+                      + (f" Reward columns: each reward's mean over the row's images ({', '.join(names)})."
+                         if names else ""), "",
                       *lines, ""])
 
 
@@ -336,6 +346,11 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
         rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir,
                              rewards)
     return rows
+
+
+def _num(x: float, digits: int) -> str:
+    """x to `digits` decimals, or "–" for a row scored before the column existed (NaN)."""
+    return "–" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def _load_json(path: Path) -> dict:
