@@ -7,8 +7,8 @@
 # accuracy, diversity, the digits-class reward that RTDMD trains on and micro-CLIP, a scorer no run trains on
 # (reward hacking shows as a gain in the first without the second). The teacher is scored at four CFG scales, its
 # own accuracy-diversity frontier, which a reward-tilted student should beat, and the teacher at CFG 1 tilted by the
-# digits-class reward (exact draws by rejection sampling), the target a tilted student approaches. About 75 minutes per teacher on 2 cores;
-# runs already exported are skipped, so an interrupted call resumes where it stopped.
+# digits-class reward (exact draws by rejection sampling), the target a tilted student approaches. About 75 minutes
+# per teacher on 2 cores; runs already exported are skipped, so an interrupted call resumes where it stopped.
 #   bash scripts/toy_rtdmd.sh                # flow toy teacher
 #   bash scripts/toy_rtdmd.sh toy-digits     # VP toy teacher
 set -euo pipefail

@@ -10,8 +10,8 @@ import torch
 
 from fewstep.data.digits import class_balanced_prompts
 from fewstep.metrics.rewards import build_reward
-from fewstep.metrics.toy_report import (main, mean_rewards, rejection_sample, tilt_accept_prob,
-                                          tilted_teacher_images)
+from fewstep.metrics.tilt import rejection_sample, tilt_accept_prob
+from fewstep.metrics.toy_report import main, mean_rewards, tilted_teacher_images
 
 
 def test_reward_columns_are_the_rewards_means(tmp_path: Path):
@@ -103,16 +103,28 @@ def test_tilted_rows_raise_the_reward(tmp_path: Path):
     """--tilt-beta adds rows of the tilted teacher, named by reward and beta, whose digits-class mean is above the
     untilted teacher's at the same steps and CFG; a reward without a known maximum is refused."""
     results = tmp_path / "results.md"
-    rows = main(["--teacher", "toy-digits", "--teacher-steps", "4", "--teacher-guidance", "1", "-n", "30",
+    rows = main(["--teacher", "toy-digits", "--teacher-steps", "2", "--teacher-guidance", "1", "-n", "30",
                  "--results", str(results), "--grids", "", "--section", "t", "--rewards", "digits-class",
                  "--tilt-beta", "2,0.5"])
-    assert [r.name for r in rows[1:]] == [f"teacher DDIM 4 steps, w=1, tilted by digits-class at beta={b}"
+    assert [r.name for r in rows[1:]] == [f"teacher DDIM 2 steps, w=1, tilted by digits-class at beta={b}"
                                           for b in ("2", "0.5")]
     plain, b2, b05 = (r.rewards["digits-class"] for r in rows)
-    assert plain < b2 < b05
+    assert plain < b2 <= b05   # 2 steps, n = 30: -2.75, -0.16, -0.05 when written
     assert "tilted by digits-class at beta=0.5" in results.read_text()
     with pytest.raises(ValueError, match="known maximum"):
         tilted_teacher_images(None, None, build_reward("micro-clip"), 1.0, ["a handwritten digit 1"], 0)
+
+
+@pytest.mark.parametrize("flags,message", [(["--tilt-beta", "1,0"], "temperatures > 0"),
+                                           (["--tilt-beta", "1", "--tilt-reward", "micro-clip"], "known maximum")])
+def test_bad_tilt_flags_fail_in_one_line_before_generating(tmp_path: Path, capsys, flags, message):
+    results = tmp_path / "results.md"
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
+              "", "--section", "t"] + flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()
 
 
 def test_rows_carry_the_mlp_witness(tmp_path: Path):
@@ -137,3 +149,15 @@ def test_rows_carry_the_mlp_witness(tmp_path: Path):
         results.read_text()
     old = Row("old", 4, 1.0, 1.0, 0.9, 1.0, 0.001, 20)
     assert "| 0.900 / – | 1.00 / – |" in markdown([old], "x", 20)
+
+
+def test_accept_uniforms_are_not_the_proposals_noise():
+    """The acceptance uniform of seed s is not the first value of torch's stream for s (which drives the proposal's
+    noise), and over many seeds the two are uncorrelated."""
+    from fewstep.metrics.tilt import accept_uniform
+
+    u = torch.tensor([accept_uniform(s) for s in range(2000)])
+    first = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(s)) for s in range(2000)])
+    assert not torch.allclose(u.float(), first)
+    assert abs(torch.corrcoef(torch.stack([u.float(), first]))[0, 1].item()) < 0.1
+    assert 0.45 < u.mean().item() < 0.55

@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,6 +34,7 @@ from fewstep.data.digits import class_balanced_prompts, parse_digit
 from fewstep.export import load_export
 from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, default_mlp, mlp_reference, score_digits
 from fewstep.metrics.rewards import RewardFn, build_reward
+from fewstep.metrics.tilt import rejection_sample, reward_upper_bound
 from fewstep.models.teacher import Teacher, load_teacher
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_images
@@ -96,46 +96,10 @@ def scored_row(name: str, steps: int, guidance: float, images: torch.Tensor, pro
                mlp.fid, mean_rewards(images, prompts, rewards or {}), mlp.class_accuracy, mlp.diversity)
 
 
-def tilt_accept_prob(scores: torch.Tensor, beta: float, upper_bound: float) -> torch.Tensor:
-    """Acceptance probability exp((r - r_max) / beta) of rejection sampling from the reward-tilted target
-    p(x) exp(r(x) / beta) (RTDMD, algorithms.md §6.1) with proposals from p: an exact sampler when r <= r_max."""
-    if beta <= 0:
-        raise ValueError(f"tilt beta must be > 0, got {beta}")
-    if bool((scores > upper_bound + 1e-6).any()):
-        raise ValueError(f"a reward of {float(scores.max()):.4g} exceeds its stated upper bound {upper_bound}")
-    return torch.exp((scores.double() - upper_bound) / beta).clamp(max=1.0)
-
-
-def rejection_sample(propose: Callable[[list[int], list[int]], tuple[torch.Tensor, torch.Tensor]], n: int,
-                     beta: float, upper_bound: float, seed: int, max_rounds: int = 100) -> torch.Tensor:
-    """n exact draws from p(x) exp(r(x) / beta), one per slot: `propose(slots, seeds)` returns draws from p and their
-    rewards; slot i proposes seed + i + k * n in round k and keeps the first draw accepted, with uniforms keyed by
-    the same seed, so the result does not depend on batching. Raises ValueError where a slot finds none."""
-    out: list[torch.Tensor | None] = [None] * n
-    pending = list(range(n))
-    for k in range(max_rounds):
-        if not pending:
-            break
-        seeds = [seed + i + k * n for i in pending]
-        draws, scores = propose(pending, seeds)
-        accept = tilt_accept_prob(scores, beta, upper_bound)
-        for j, (i, s) in enumerate(zip(pending, seeds)):
-            if torch.rand((), generator=torch.Generator().manual_seed(s), dtype=torch.float64) < accept[j]:
-                out[i] = draws[j]
-        pending = [i for i in pending if out[i] is None]
-    if pending:
-        raise ValueError(f"tilt beta={beta:g}: {len(pending)} of {n} slots had no accepted draw in {max_rounds} "
-                         "rounds; use a larger beta")
-    return torch.stack(out)
-
-
 def tilted_teacher_images(teacher: Teacher, spec: InferenceSpec, reward: RewardFn, beta: float, prompts: list[str],
                           seed: int) -> torch.Tensor:
     """One exact draw per prompt from the teacher (at `spec`) tilted by the reward at temperature beta."""
-    bound = getattr(reward, "upper_bound", None)
-    if bound is None:
-        raise ValueError(f"--tilt-beta needs a reward with a known maximum (e.g. digits-class), not "
-                         f"{getattr(reward, 'name', type(reward).__name__)}")
+    bound = reward_upper_bound(reward)
     times = torch.tensor(spec.times, dtype=torch.float64)
 
     def propose(slots: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +258,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     written_by = provenance(command.strip())
     try:
         earlier, kept = rows_to_keep(args)
+        check_tilt(args)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
@@ -328,6 +293,16 @@ def rows_to_keep(args: argparse.Namespace) -> tuple[str | None, list[Row]]:
         raise ValueError(f"--drop: section '{args.section}' has no row {missing[0]!r}; give a row's full name as in "
                          "the table's first column")
     return earlier, [r for r in kept if r.name not in args.drop]
+
+
+def check_tilt(args: argparse.Namespace) -> None:
+    """--tilt-beta's temperatures are positive and --tilt-reward has a known maximum, checked before anything is
+    generated. Raises ValueError (one line, with the fix)."""
+    betas = _floats(args.tilt_beta)
+    if any(b <= 0 for b in betas):
+        raise ValueError(f"--tilt-beta takes temperatures > 0, got {args.tilt_beta}")
+    if betas:
+        reward_upper_bound(build_reward(args.tilt_reward))
 
 
 def all_rows(args: argparse.Namespace) -> list[Row]:
