@@ -320,8 +320,12 @@ class DigitsClassReward(_Frozen):
         path = _require_path(weights if weights is not None else DEFAULT_WEIGHTS, "digits classifier weights",
                              "scripts/train_digits_classifier.py (run it to create the file)")
         self.net, self.kind, self.weights = load_digits_classifier(path), kind, str(path)
-        self.upper_bound = 0.0 if kind == "logprob" else 1.0   # log p <= 0, p <= 1: bounds rejection sampling
         self.freeze()
+
+    @property
+    def upper_bound(self) -> float:
+        """The reward's maximum, which bounds rejection sampling from a tilt: log p <= 0, p <= 1."""
+        return 0.0 if self.kind == "logprob" else 1.0
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """log p(prompted digit | image) (or p) under the classifier, (N,)."""

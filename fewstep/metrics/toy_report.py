@@ -57,15 +57,23 @@ class Row:
     diversity_mlp: float = float("nan")   # CNN, which digits-class also is): a witness the reward never saw
 
 
+def reward_scores(reward: RewardFn, images: torch.Tensor, prompts: list[str], batch_size: int = 250) -> torch.Tensor:
+    """The reward of every image, (N,), scored in batches."""
+    return torch.cat([reward(images[i:i + batch_size], prompts[i:i + batch_size]).float()
+                      for i in range(0, len(images), batch_size)])
+
+
 def mean_rewards(images: torch.Tensor, prompts: list[str], rewards: dict[str, RewardFn],
                  batch_size: int = 250) -> dict[str, float]:
     """Each reward's mean over the images (scored in batches, no gradients)."""
-    out = {}
-    for name, reward in rewards.items():
-        scores = [reward(images[i:i + batch_size], prompts[i:i + batch_size]).float()
-                  for i in range(0, len(images), batch_size)]
-        out[name] = float(torch.cat(scores).mean())
-    return out
+    return {name: float(reward_scores(reward, images, prompts, batch_size).mean()) for name, reward in rewards.items()}
+
+
+def spec_images(teacher: Teacher, spec: InferenceSpec, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """The model's images at `spec` (its times, step and CFG scale), one per prompt and seed."""
+    return generate_images(teacher, spec.wrap(teacher.denoiser()), teacher.net, prompts, seeds,
+                           torch.tensor(spec.times, dtype=torch.float64), spec.step, spec.guidance_scale,
+                           batch_size=250)
 
 
 def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int, grid_dir: Path | None,
@@ -73,13 +81,10 @@ def evaluate(name: str, teacher: Teacher, spec: InferenceSpec, n: int, seed: int
     """Generate n class-balanced images (seeds seed..seed+n-1), time it, score it (and each reward), save a 10x10
     grid."""
     prompts = class_balanced_prompts(n)
-    net = teacher.net
     tic = time.perf_counter()
-    times = torch.tensor(spec.times, dtype=torch.float64)
-    images = generate_images(teacher, spec.wrap(teacher.denoiser()), net, prompts, list(range(seed, seed + n)), times,
-                             spec.step, spec.guidance_scale, batch_size=250)
+    images = spec_images(teacher, spec, prompts, list(range(seed, seed + n)))
     seconds = time.perf_counter() - tic
-    return scored_row(name, len(times) - 1, spec.guidance_scale, images, prompts, seconds / n, grid_dir, rewards)
+    return scored_row(name, len(spec.times) - 1, spec.guidance_scale, images, prompts, seconds / n, grid_dir, rewards)
 
 
 def scored_row(name: str, steps: int, guidance: float, images: torch.Tensor, prompts: list[str],
@@ -100,13 +105,11 @@ def tilted_teacher_images(teacher: Teacher, spec: InferenceSpec, reward: RewardF
                           seed: int) -> torch.Tensor:
     """One exact draw per prompt from the teacher (at `spec`) tilted by the reward at temperature beta."""
     bound = reward_upper_bound(reward)
-    times = torch.tensor(spec.times, dtype=torch.float64)
 
     def propose(slots: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ps = [prompts[i] for i in slots]
-        images = generate_images(teacher, spec.wrap(teacher.denoiser()), teacher.net, ps, seeds, times, spec.step,
-                                 spec.guidance_scale, batch_size=250)
-        return images, torch.cat([reward(images[j:j + 250], ps[j:j + 250]).float() for j in range(0, len(ps), 250)])
+        images = spec_images(teacher, spec, ps, seeds)
+        return images, reward_scores(reward, images, ps)
 
     return rejection_sample(propose, len(prompts), beta, bound, seed)
 
