@@ -54,11 +54,14 @@ def test_move_scale_out_weight_identity():
 def test_bad_settings_are_refused(tmp_path, capsys):
     from fewstep.cli import main
 
-    for override, message in [("method.eta=1.5", "method.eta must lie in [0, 1]"),
-                              ("method.eta=0", "needs method.eta > 0")]:
+    for recipe, override, message in [("rtdmd_cold", "method.eta=1.5", "method.eta must lie in [0, 1]"),
+                                      ("rtdmd_cold", "method.eta=0", "needs method.eta > 0"),
+                                      ("rtdmd", "method.kl_weight=-1", "method.kl_weight must be >= 0"),
+                                      ("rtdmd", "method.group_size=3", "must be a multiple of method.group_size")]:
         with pytest.raises(SystemExit) as exc:
-            main(["distill", "recipe=rtdmd_cold", f"output_dir={tmp_path / 'x'}", override])
+            main(["distill", f"recipe={recipe}", f"output_dir={tmp_path / 'x'}", override])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_trains_and_the_stock_pipeline_reproduces_its_cps_export(tmp_path: Path):
@@ -134,6 +137,26 @@ def test_stage_two_trains_from_a_stage_one_export(stage1_mode: str, tmp_path: Pa
     assert meta["teacher"].endswith("stage1/export")     # the stage-2 LoRA loads onto the stage-1 pipeline
     student, _, _ = load_export(out / "export")
     assert student.family.name == "sd3" and student.latent_shape() == (4, 8, 8)
+
+
+def test_stage_two_kl_is_measured_against_the_stage_one_network(tmp_path: Path):
+    """method.kl_weight: the KL's reference is the stage-1 network (not the original teacher, which differs from it
+    here), so before the first update the student, a zero-initialised LoRA on it or a full copy of it, is at KL 0
+    exactly; one update later it is not."""
+    from fewstep.distill import run
+
+    quiet = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
+             "train.log_every=1"]
+    stage1 = tmp_path / "stage1"
+    run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={stage1}", "train.steps=1", "data.batch_size=2",
+         "train.ema_decay=0", "train.lr=1e-2", *quiet])
+    for mode in ("lora", "full"):
+        out = tmp_path / mode
+        run(["recipe=rtdmd", "model=toy-digits-sd3", f"teacher.pretrained={stage1 / 'export'}", f"output_dir={out}",
+             "train.steps=2", "data.batch_size=4", "method.group_size=2", f"student.mode={mode}", "train.lr=1e-3",
+             "method.kl_weight=1", "student.lora.init_scale=0", *quiet])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["loss/kl"] == 0.0 and rows[1]["loss/kl"] > 0, (mode, rows)
 
 
 def test_stage_two_refuses_a_real_teacher_of_another_kind(tmp_path: Path, capsys):

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from fewstep.diffusion.forward import diffuse  # noqa: E402
 from fewstep.diffusion.schedule import DiscreteVP, RectifiedFlow  # noqa: E402
-from fewstep.sampling.steps import (cps_log_prob, cps_mean_std, cps_step, ddim_step, make_step, parse_step,  # noqa: E402
+from fewstep.sampling.steps import (cps_kl, cps_log_prob, cps_mean_std, cps_step, ddim_step, make_step, parse_step,  # noqa: E402
                                     step_spec)
 
 SCHEDULES = {"flow": RectifiedFlow(), "vp": DiscreteVP(torch.cumprod(1 - torch.linspace(8.5e-4, 1.2e-2, 1000), 0))}
@@ -85,6 +85,22 @@ def test_log_prob_is_minus_mean_square_to_the_mean(case):
     assert lp.shape == (64,)
     assert torch.allclose(lp, -(rho * z).pow(2).flatten(1).mean(1), atol=TOL)
     assert float(rho[0, 0, 0, 0]) == pytest.approx(0.4 * math.sin(0.45 * math.pi))
+
+
+def test_kl_is_the_exact_gaussian_kl_on_the_log_probability_scale(case):
+    """cps_kl x C H W / (2 rho^2) is the KL between the two transitions' Gaussians (torch.distributions), and a
+    KL-weighted penalty moves the same way as the log-probability: both drop the factor 2 rho^2 / (C H W)."""
+    x0, eps, z, t, t_next = case
+    sched = RectifiedFlow()
+    x_t = diffuse(x0, t, sched, eps)
+    mean, rho = cps_mean_std(x_t, x0, t, t_next, sched, 0.9)
+    ref, _ = cps_mean_std(x_t, x0 + 0.1 * z, t, t_next, sched, 0.9)
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, rho), torch.distributions.Normal(ref, rho))
+    d = mean[0].numel()
+    kl = cps_kl(mean, ref)
+    assert kl.shape == (64,) and float(kl.min()) > 0
+    torch.testing.assert_close(kl * d / (2 * rho.flatten(1)[:, 0] ** 2), exact.flatten(1).sum(1))
+    assert float(cps_kl(mean, mean).abs().max()) == 0.0
 
 
 def test_sampler_specs_round_trip_and_refuse_bad_options():

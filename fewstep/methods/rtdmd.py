@@ -26,6 +26,7 @@ class RTDMDConfig:
     bp_weight: float = 1e-4                   # reward backprop on the deterministic last step (0 = off)
     bp_margin: Optional[float] = 3.0          # its hinge relu(margin - R)
     aux_weight: float = 1e-3                  # AC-DMD auxiliary term on the last step (s = 0)
+    kl_weight: float = 0.0                    # KL to the stage-1 policy on the trained steps (official: 0, none)
     real_guidance: float = 4.5                # teacher CFG in the auxiliary term
     renoise_t_min: float = 0.02
     renoise_t_max: float = 0.98
@@ -54,6 +55,8 @@ def rtdmd_rules(method: Any, run: Any) -> None:
                            f"{run.sample.steps}-step rollout (the last step is deterministic)")
     if not 0 < method.train_steps <= method.step_last - method.step_first + 1:
         raise FewstepError("method.train_steps must be between 1 and the number of steps in step_first..step_last")
+    if method.kl_weight < 0:
+        raise FewstepError(f"method.kl_weight must be >= 0 (got {method.kl_weight}): it weighs a KL penalty")
     if not 0 < method.eta <= 1:
         raise FewstepError(f"method.eta must lie in (0, 1] (got {method.eta}): stage 2 needs stochastic steps")
 

@@ -5,7 +5,12 @@ group come from the trained steps. Rewards of the decoded samples give per-promp
 The student then takes the clipped PPO surrogate on the trained steps' CPS log-probabilities (one update per
 rollout, so the ratio starts at 1) and, on the deterministic last step, the AC-DMD auxiliary term (s = 0) plus the
 reward-backprop hinge; the fake score trains on the rollout's final samples with the AC objective. The AC-DMD
-pieces are `fewstep.recipes.ac_dmd.ACDMD`'s, held by composition."""
+pieces are `fewstep.recipes.ac_dmd.ACDMD`'s, held by composition.
+
+`method.kl_weight` > 0 (not in the official code) adds beta_KL E_j[KL(pi_theta(.|x_j) || pi_ref(.|x_j))] on the
+trained steps, pi_ref being the frozen stage-1 network's CPS step: the KL-regularised objective E[A] - beta_KL KL,
+whose optimum over whole rollouts is the stage-1 rollout tilted by exp(A / beta_KL). Without it nothing but the
+step size keeps the stochastic steps near stage 1, since the AC-DMD term acts on the last step only."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -26,7 +31,7 @@ from fewstep.recipes.losses import subinterval_noise
 from fewstep.recipes.grpo import group_leaders, local_advantages, ppo_terms, select_steps, shared_noise
 from fewstep.recipes.reward import RewardLoss, build_reward_loss
 from fewstep.sampling.draws import Draws, randn
-from fewstep.sampling.steps import cps_log_prob, cps_mean_std, step_spec
+from fewstep.sampling.steps import cps_kl, cps_log_prob, cps_mean_std, step_spec
 
 
 def global_std(r: Tensor) -> float:
@@ -40,8 +45,9 @@ class RTDMD(Recipe):
     Config: ClassVar[type] = RTDMDConfig
     name: ClassVar[str] = "rtdmd"
 
-    def __init__(self, *, core: ACDMD, config: RTDMDConfig, rewards: RewardLoss, bp: RewardLoss | None) -> None:
-        self.core, self.cfg, self.rewards, self.bp = core, config, rewards, bp
+    def __init__(self, *, core: ACDMD, config: RTDMDConfig, rewards: RewardLoss, bp: RewardLoss | None,
+                 reference: nn.Module | None = None) -> None:
+        self.core, self.cfg, self.rewards, self.bp, self.reference = core, config, rewards, bp, reference
         self.times = core.times
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -68,25 +74,30 @@ class RTDMD(Recipe):
             r, reward_metrics = self.rewards.scores(final, group.prompts)
         adv = local_advantages(r, c.group_size, global_std(r), c.adv_clip)
         n = len(final)
-        ppo = torch.zeros((), device=final.device)
-        for j in selected:                      # PPO on the trained stochastic steps (zero advantages: no compute)
-            keep = torch.nonzero(adv != 0).flatten()
-            if len(keep) == 0:
-                continue
+        ppo = kl = torch.zeros((), device=final.device)
+        # PPO on the trained stochastic steps: zero advantages need no compute unless the KL term sees every row
+        keep = torch.arange(n) if self.reference is not None else torch.nonzero(adv != 0).flatten()
+        for j in selected if len(keep) else []:
             x_j, t, t1 = states[j][keep], self.times[j].expand(len(keep)), self.times[j + 1].expand(len(keep))
             cond = {k: v[keep.to(v.device)] for k, v in group.cond.items()}
             mean, _ = cps_mean_std(x_j, core.student(x_j, t, cond), t, t1, core.schedule, c.eta)
             terms = ppo_terms(cps_log_prob(nexts[j][keep], mean), logp_old[j][keep], adv[keep].to(mean.device),
                               c.clip_range)
             ppo = ppo + terms.sum() / (n * len(selected))
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = cps_mean_std(x_j, self.reference(x_j, t, cond), t, t1, core.schedule, c.eta)
+                kl = kl + cps_kl(mean, ref).sum() / (n * len(selected))
         m = len(self.times) - 1                  # the deterministic last step: AC-DMD aux (s = 0) and BP
         x_last = core.student(states[m - 1], self.times[m - 1].expand(n), group.cond)
         tau = core.renoise_times(n, 0.0, draws.sample, x_last.device)
         x_tau = subinterval_noise(x_last, 0.0, tau, core.schedule, noise=randn(x_last.shape, draws.sample))
         aux, grad_norm = core.student_loss(x_last, 0.0, x_tau, tau, group, draws.sample)
-        loss = ppo + c.aux_weight * aux
+        loss = ppo + c.kl_weight * kl + c.aux_weight * aux
         metrics = {"loss/ppo": float(ppo.detach()), "loss/aux": float(aux.detach()), "dm_grad_norm": grad_norm,
                    "advantage_abs": float(adv.abs().mean()), **reward_metrics}
+        if self.reference is not None:
+            metrics["loss/kl"] = float(kl.detach())
         if self.bp is not None:
             bp, _ = self.bp.loss(x_last, group.prompts)
             loss = loss + bp
@@ -145,4 +156,9 @@ def build_rtdmd(cfg: DictConfig, teacher: Teacher) -> RTDMD:
     rewards = build_reward_loss(method.reward, 1.0, None, teacher)
     assert rewards is not None
     bp = RewardLoss(rewards.terms, rewards.decode, method.bp_weight, method.bp_margin) if method.bp_weight > 0 else None
-    return RTDMD(core=core, config=method, rewards=rewards, bp=bp)
+    # the KL's reference, the stage-1 network: the base under the student's adapters, or the teacher's own network,
+    # which a full student copies (build_student)
+    reference = None
+    if method.kl_weight > 0:
+        reference = WithAdapter(teacher.denoiser(sc.net), None) if cfg.student.mode == "lora" else teacher.denoiser()
+    return RTDMD(core=core, config=method, rewards=rewards, bp=bp, reference=reference)

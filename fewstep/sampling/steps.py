@@ -135,6 +135,14 @@ def cps_log_prob(x_next: Tensor, mean: Tensor) -> Tensor:
     return -(x_next - mean).pow(2).flatten(1).mean(1)
 
 
+def cps_kl(mean: Tensor, ref_mean: Tensor) -> Tensor:
+    """Per-sample KL between two CPS transitions from the same x_t with the same noise scale rho (the student's and
+    a reference policy's), on `cps_log_prob`'s scale: mean over C, H, W of (mean - ref_mean)^2. The exact Gaussian
+    KL is sum (mean - ref_mean)^2 / (2 rho^2); both it and the log-probability drop the same factor 2 rho^2 / (C H
+    W), so a KL weight and the PPO advantages stay in one unit (the per-step KL penalty of Flow-GRPO, Liu et al. 2025)."""
+    return (mean - ref_mean).pow(2).flatten(1).mean(1)
+
+
 class DPMSolver2M:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, data prediction), as diffusers' DPMSolverMultistepScheduler runs
     it with solver_order=2, lower_order_final and final_sigmas_type="zero": the first step is first order (it
