@@ -43,10 +43,10 @@ RECIPES = {
                    "student.lora.targets=[]", "method.critic_steps_per_student_step=2", "train.lr=1e-3",
                    "train.ema_decay=0"],
     # RTDMD stage 2: prompt groups of 2 (whole groups on each process), prompt-seeded shared noise, the SubGRPO
-    # step choice, advantages with the gathered global std, PPO + AC-DMD aux + reward backprop (digits-class)
+    # step choice, advantages with the gathered global std, PPO + KL to stage 1 + AC-DMD aux + reward backprop
     "rtdmd": ["recipe=rtdmd", "train.steps=3", "student.mode=lora", "method.critic_mode=lora", "student.lora.rank=2",
               "student.lora.alpha=2", "method.critic_rank=2", "method.critic_alpha=2", "student.lora.targets=[]",
-              "method.group_size=2", "train.lr=1e-3"],
+              "method.group_size=2", "train.lr=1e-3", "method.kl_weight=1"],
 }
 RECIPES = {name: [*args, *INVARIANCE] for name, args in RECIPES.items()}
 

@@ -215,9 +215,13 @@ def read_section(path: Path, section: str) -> tuple[str, list[Row]]:
     return found.group(1), [Row(**r) for r in rows]
 
 
+RESULTS_HEADER = ("# fewstep results\n\nEvery table here is written by a script; re-run the command above it to "
+                  "reproduce it.\n")
+
+
 def write_section(path: Path, section: str, body: str) -> None:
     """Replace (or append) the block between <!-- BEGIN section --> and <!-- END section --> in results.md."""
-    text = path.read_text() if path.exists() else "# fewstep results\n\nEvery table here is written by a script; re-run the command above it to reproduce it.\n"
+    text = path.read_text() if path.exists() else RESULTS_HEADER
     begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
     block = f"{begin}\n{body}\n{end}"
     if begin in text:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# docs/results.md's `toy-rtdmd-kl` table: RTDMD stage 2 with and without a KL to the stage-1 policy
+# (`method.kl_weight`, not in the official code) on the VP toy teacher. Stage 1 is AC-DMD at teacher CFG 1, the
+# closest start to the unguided teacher that the tilt p_teacher(x | c) exp(r(x) / beta) is defined on; stage 2
+# takes the digits-class reward. Rows: the official stage 2 (no KL, the preset's lr 3e-5), then lr 3e-4 with KL
+# weights 0 to 10 (seed 0), and the two weights nearest the aims for a second training seed; the teacher's 50-step
+# CFG frontier and its tilted rows for reference. One run at a time (2 cores), about 60 minutes; runs already
+# exported are skipped.
+#   bash scripts/toy_rtdmd_kl.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/toy_train_lib.sh   # train NAME OVERRIDES..., $RUNS
+M=toy-digits
+C1=(model=$M method.real_guidance=1)
+stage2() {   # stage2 SEED NAME OVERRIDES...: recipe=rtdmd from that seed's stage-1 export
+  local seed=$1 name=$2; shift 2
+  train "$name" recipe=rtdmd "${C1[@]}" train.seed="$seed" teacher.pretrained="$RUNS/rtdmd_cold-c1-s$seed/export" "$@"
+}
+students=()
+for seed in 0 1; do
+  train rtdmd_cold-c1-s$seed recipe=rtdmd_cold "${C1[@]}" train.seed=$seed
+  stage2 $seed rtdmd-c1-s$seed train.lr=3e-5 method.kl_weight=0   # the flow toy preset's stage 2, official (no KL)
+  students+=(--student "rtdmd_cold (seed $seed)=$RUNS/rtdmd_cold-c1-s$seed/export"
+             --student "rtdmd, no KL, lr 3e-5 (seed $seed)=$RUNS/rtdmd-c1-s$seed/export")
+  kls=(1 0.5); [ $seed = 0 ] && kls=(0 0.3 0.5 1 3 10)
+  for kl in "${kls[@]}"; do
+    stage2 $seed rtdmd-c1-kl$kl-s$seed train.lr=3e-4 method.kl_weight=$kl
+    students+=(--student "rtdmd, KL $kl, lr 3e-4 (seed $seed)=$RUNS/rtdmd-c1-kl$kl-s$seed/export")
+  done
+done
+stage2 0 rtdmd-c1-kl1-500-s0 train.lr=3e-4 method.kl_weight=1 train.steps=500
+students+=(--student "rtdmd, KL 1, lr 3e-4, 500 steps (seed 0)=$RUNS/rtdmd-c1-kl1-500-s0/export")
+python scripts/toy_benchmark.py --teacher $M "${students[@]}" --teacher-steps 50 --teacher-guidance 1.5,1.25,1 \
+  --tilt-beta 1,0.25 --rewards digits-class,micro-clip --section toy-rtdmd-kl -n 1000
