@@ -74,20 +74,7 @@ class RTDMD(Recipe):
             r, reward_metrics = self.rewards.scores(final, group.prompts)
         adv = local_advantages(r, c.group_size, global_std(r), c.adv_clip)
         n = len(final)
-        ppo = kl = torch.zeros((), device=final.device)
-        # PPO on the trained stochastic steps: zero advantages need no compute unless the KL term sees every row
-        keep = torch.arange(n) if self.reference is not None else torch.nonzero(adv != 0).flatten()
-        for j in selected if len(keep) else []:
-            x_j, t, t1 = states[j][keep], self.times[j].expand(len(keep)), self.times[j + 1].expand(len(keep))
-            cond = {k: v[keep.to(v.device)] for k, v in group.cond.items()}
-            mean, _ = cps_mean_std(x_j, core.student(x_j, t, cond), t, t1, core.schedule, c.eta)
-            terms = ppo_terms(cps_log_prob(nexts[j][keep], mean), logp_old[j][keep], adv[keep].to(mean.device),
-                              c.clip_range)
-            ppo = ppo + terms.sum() / (n * len(selected))
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref, _ = cps_mean_std(x_j, self.reference(x_j, t, cond), t, t1, core.schedule, c.eta)
-                kl = kl + cps_kl(mean, ref).sum() / (n * len(selected))
+        ppo, kl = self.policy_terms(group, states, nexts, logp_old, adv, selected)
         m = len(self.times) - 1                  # the deterministic last step: AC-DMD aux (s = 0) and BP
         x_last = core.student(states[m - 1], self.times[m - 1].expand(n), group.cond)
         tau = core.renoise_times(n, 0.0, draws.sample, x_last.device)
@@ -104,6 +91,28 @@ class RTDMD(Recipe):
             metrics["loss/bp"] = float(bp.detach())
         critic, metrics["loss/consistency"] = core.critic_loss(x_last.detach(), 0.0, x_tau, tau, group, draws.sample)
         return StepOutput({"student": loss, "critic": critic}, metrics)
+
+    def policy_terms(self, group: Batch, states: list[Tensor], nexts: list[Tensor], logp_old: list[Tensor],
+                     adv: Tensor, selected: list[int]) -> tuple[Tensor, Tensor]:
+        """The clipped PPO surrogate on the trained stochastic steps and the KL to the stage-1 policy there (zero
+        without a reference), each a mean over the batch's rows and the trained steps. Rows with a zero advantage
+        need no compute unless the KL sees every row."""
+        core, c = self.core, self.cfg
+        n = len(states[0])
+        ppo = kl = torch.zeros((), device=states[0].device)
+        keep = torch.arange(n) if self.reference is not None else torch.nonzero(adv != 0).flatten()
+        for j in selected if len(keep) else []:
+            x_j, t, t1 = states[j][keep], self.times[j].expand(len(keep)), self.times[j + 1].expand(len(keep))
+            cond = {k: v[keep.to(v.device)] for k, v in group.cond.items()}
+            mean, _ = cps_mean_std(x_j, core.student(x_j, t, cond), t, t1, core.schedule, c.eta)
+            terms = ppo_terms(cps_log_prob(nexts[j][keep], mean), logp_old[j][keep], adv[keep].to(mean.device),
+                              c.clip_range)
+            ppo = ppo + terms.sum() / (n * len(selected))
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = cps_mean_std(x_j, self.reference(x_j, t, cond), t, t1, core.schedule, c.eta)
+                kl = kl + cps_kl(mean, ref).sum() / (n * len(selected))
+        return ppo, kl
 
     @torch.no_grad()
     def rollout(self, batch: Batch, draws: Draws, selected: list[int],
