@@ -18,6 +18,10 @@ from fewstep.recipes import losses as L  # noqa: E402
 from fewstep.sampling.steps import cps_step  # noqa: E402
 
 
+QUIET = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
+         "train.log_every=1"]   # short recipe runs: no progress bar, checkpoints or sample grids; every step logged
+
+
 def test_cps_projection_gap_identity():
     """xs_T - xs_F = (v_T - v_F) [s cos(theta) (1 - t) - (1 - s) t] with the same CPS noise: the noise cancels."""
     g = torch.Generator().manual_seed(0)
@@ -112,19 +116,17 @@ def test_stage_two_trains_from_a_stage_one_export(stage1_mode: str, tmp_path: Pa
     from fewstep.export import load_export
     from fewstep.models.teacher import load_teacher
 
-    quiet = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
-             "train.log_every=1"]
     stage1 = tmp_path / "stage1"
     lora = ["method.critic_mode=lora", "student.lora.init_scale=0.3"] if stage1_mode == "lora" else []
     run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={stage1}", "train.steps=1", "data.batch_size=2",
-         "train.ema_decay=0", "train.lr=1e-2", f"student.mode={stage1_mode}", *lora, *quiet])
+         "train.ema_decay=0", "train.lr=1e-2", f"student.mode={stage1_mode}", *lora, *QUIET])
     base = load_teacher(str(stage1 / "export")).net
     original = load_teacher("toy-digits-sd3").net
     assert not hasattr(base, "peft_config") or not base.peft_config        # fused, no adapter layers left
     assert max(float((a - b).abs().max()) for a, b in zip(base.parameters(), original.parameters())) > 1e-3
     out = tmp_path / "stage2"
     run(["recipe=rtdmd", "model=toy-digits-sd3", f"teacher.pretrained={stage1 / 'export'}", f"output_dir={out}",
-         "train.steps=2", "data.batch_size=4", "method.group_size=2", "student.lora.init_scale=0.3", *quiet])
+         "train.steps=2", "data.batch_size=4", "method.group_size=2", "student.lora.init_scale=0.3", *QUIET])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for r in rows:
@@ -145,16 +147,14 @@ def test_stage_two_kl_is_measured_against_the_stage_one_network(tmp_path: Path):
     exactly; one update later it is not."""
     from fewstep.distill import run
 
-    quiet = ["train.progress=false", "train.checkpoint_every=0", "train.sample_every=0", "sample.grid_size=2",
-             "train.log_every=1"]
     stage1 = tmp_path / "stage1"
     run(["recipe=rtdmd_cold", "model=toy-digits-sd3", f"output_dir={stage1}", "train.steps=1", "data.batch_size=2",
-         "train.ema_decay=0", "train.lr=1e-2", *quiet])
+         "train.ema_decay=0", "train.lr=1e-2", *QUIET])
     for mode in ("lora", "full"):
         out = tmp_path / mode
         run(["recipe=rtdmd", "model=toy-digits-sd3", f"teacher.pretrained={stage1 / 'export'}", f"output_dir={out}",
              "train.steps=2", "data.batch_size=4", "method.group_size=2", f"student.mode={mode}", "train.lr=1e-3",
-             "method.kl_weight=1", "student.lora.init_scale=0", *quiet])
+             "method.kl_weight=1", "student.lora.init_scale=0", *QUIET])
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert rows[0]["loss/kl"] == 0.0 and rows[1]["loss/kl"] > 0, (mode, rows)
 

@@ -165,9 +165,7 @@ def build_rtdmd(cfg: DictConfig, teacher: Teacher) -> RTDMD:
     rewards = build_reward_loss(method.reward, 1.0, None, teacher)
     assert rewards is not None
     bp = RewardLoss(rewards.terms, rewards.decode, method.bp_weight, method.bp_margin) if method.bp_weight > 0 else None
-    # the KL's reference, the stage-1 network: the base under the student's adapters, or the teacher's own network,
-    # which a full student copies (build_student)
-    reference = None
-    if method.kl_weight > 0:
-        reference = WithAdapter(teacher.denoiser(sc.net), None) if cfg.student.mode == "lora" else teacher.denoiser()
+    # the KL's reference, the stage-1 network with no adapter live: the frozen base the other recipes' teacher score
+    # is (LoRA students sit on it in place, full students copy it)
+    reference = WithAdapter(teacher.denoiser(teacher.net), None) if method.kl_weight > 0 else None
     return RTDMD(core=core, config=method, rewards=rewards, bp=bp, reference=reference)
