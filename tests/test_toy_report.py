@@ -161,3 +161,26 @@ def test_accept_uniforms_are_not_the_proposals_noise():
     assert not torch.allclose(u.float(), first)
     assert abs(torch.corrcoef(torch.stack([u.float(), first]))[0, 1].item()) < 0.1
     assert 0.45 < u.mean().item() < 0.55
+
+
+def test_student_labels_and_paths_may_hold_equals_signs(tmp_path: Path):
+    """--student LABEL=EXPORT_DIR splits where an export folder follows, so "K = 8" labels and "lr=3e-4" paths
+    both parse."""
+    from fewstep.metrics.toy_report import parse_student
+    from fewstep.paths import SIDECAR
+
+    for run in ("a", "lr=3e-4"):
+        (tmp_path / run / "export").mkdir(parents=True)
+        (tmp_path / run / "export" / SIDECAR).write_text("{}")
+    assert parse_student(f"KL 1, K = 8 (seed 0)={tmp_path}/a/export") == ("KL 1, K = 8 (seed 0)", tmp_path / "a/export")
+    assert parse_student(f"x={tmp_path}/lr=3e-4/export") == ("x", tmp_path / "lr=3e-4/export")
+
+
+def test_a_student_without_an_export_fails_in_one_line_before_generating(tmp_path: Path, capsys):
+    results = tmp_path / "results.md"
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
+              "", "--section", "t", "--student", f"s={tmp_path}/missing/export"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no export folder" in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()

@@ -36,6 +36,7 @@ from fewstep.metrics.digits import METRIC_NAME, MLP_METRIC_NAME, default_mlp, ml
 from fewstep.metrics.rewards import RewardFn, build_reward
 from fewstep.metrics.tilt import rejection_sample, reward_upper_bound
 from fewstep.models.teacher import Teacher, load_teacher
+from fewstep.paths import SIDECAR
 from fewstep.recipes.base import InferenceSpec
 from fewstep.sampling.generate import generate_images
 from fewstep.train.report import save_grid
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     try:
         earlier, kept = rows_to_keep(args)
         check_tilt(args)
+        args.student = [parse_student(spec) for spec in args.student]
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
@@ -312,6 +314,16 @@ def check_tilt(args: argparse.Namespace) -> None:
         reward_upper_bound(build_reward(args.tilt_reward))
 
 
+def parse_student(spec: str) -> tuple[str, Path]:
+    """--student's LABEL=EXPORT_DIR split at the first '=' after which an export folder (with fewstep.json) follows,
+    so labels may hold '=' ("K = 8") and so may paths. Raises ValueError (one line, with the fix) when none does."""
+    for i, ch in enumerate(spec):
+        if ch == "=" and (Path(spec[i + 1:]) / SIDECAR).is_file():
+            return spec[:i], Path(spec[i + 1:])
+    raise ValueError(f"--student {spec!r}: no export folder (with {SIDECAR}) after any '='; give LABEL=EXPORT_DIR "
+                     "with the folder a fewstep export writes (<run>/export)")
+
+
 def all_rows(args: argparse.Namespace) -> list[Row]:
     """The teacher's rows, then each student's, for the parsed command line."""
     grid_dir = Path(args.grids) if args.grids else None
@@ -323,9 +335,8 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
         steps = (_ints(args.teacher_steps) or [50])[0]
         rows += tilted_rows(teacher, steps, args.tilt_guidance, args.tilt_reward, _floats(args.tilt_beta),
                             args.num_images, args.seed, grid_dir, rewards)
-    for spec in args.student:
-        label, _, path = spec.partition("=")
-        rows += student_rows(label, Path(path), _ints(args.student_steps), args.num_images, args.seed, grid_dir,
+    for label, path in args.student:
+        rows += student_rows(label, path, _ints(args.student_steps), args.num_images, args.seed, grid_dir,
                              rewards)
     return rows
 
