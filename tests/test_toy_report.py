@@ -11,7 +11,7 @@ import torch
 from fewstep.data.digits import class_balanced_prompts
 from fewstep.metrics.rewards import build_reward
 from fewstep.metrics.tilt import rejection_sample, tilt_accept_prob
-from fewstep.metrics.toy_report import main, mean_rewards, tilted_teacher_images
+from fewstep.metrics.toy_report import main, mean_rewards, tilted_images
 
 
 def test_reward_columns_are_the_rewards_means(tmp_path: Path):
@@ -112,7 +112,7 @@ def test_tilted_rows_raise_the_reward(tmp_path: Path):
     assert plain < b2 <= b05   # 2 steps, n = 30: -2.75, -0.16, -0.05 when written
     assert "tilted by digits-class at beta=0.5" in results.read_text()
     with pytest.raises(ValueError, match="known maximum"):
-        tilted_teacher_images(None, None, build_reward("micro-clip"), 1.0, ["a handwritten digit 1"], 0)
+        tilted_images(None, None, build_reward("micro-clip"), 1.0, ["a handwritten digit 1"], 0)
 
 
 @pytest.mark.parametrize("flags,message", [(["--tilt-beta", "1,0"], "temperatures > 0"),
@@ -183,4 +183,33 @@ def test_a_student_without_an_export_fails_in_one_line_before_generating(tmp_pat
               "", "--section", "t", "--student", f"s={tmp_path}/missing/export"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no export folder" in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()
+
+
+def test_tilted_student_rows_tilt_the_export(tmp_path: Path):
+    """--tilt-student draws from an export tilted like the teacher's rows: an export of the teacher itself at the
+    teacher's 2 DDIM steps gives the teacher's tilted row, and the tilt raises the reward over the plain export."""
+    from fewstep.export import export_student
+    from fewstep.metrics.toy_report import InferenceSpec, load_teacher
+
+    teacher = load_teacher("toy-digits")
+    export = export_student(teacher, teacher.net, InferenceSpec([float(t) for t in teacher.teacher_times(2)], "ddim",
+                                                                1.0), tmp_path / "export", "dmd2", "toy-digits")
+    rows = main(["--teacher", "toy-digits", "--teacher-steps", "2", "--teacher-guidance", "1", "-n", "20",
+                 "--results", str(tmp_path / "r.md"), "--grids", "", "--section", "t", "--rewards", "digits-class",
+                 "--tilt-beta", "0.5", "--tilt-student", f"self={export}", "--student", f"self={export}"])
+    plain_teacher, tilted_teacher, tilted, plain = rows
+    assert tilted.name == "self student 2 steps, w=1, tilted by digits-class at beta=0.5"
+    assert tilted.rewards == pytest.approx(tilted_teacher.rewards) and tilted.accuracy == tilted_teacher.accuracy
+    assert plain.rewards == pytest.approx(plain_teacher.rewards)
+    assert tilted.rewards["digits-class"] > plain.rewards["digits-class"]
+
+
+def test_tilt_student_without_a_beta_fails_in_one_line(tmp_path: Path, capsys):
+    results = tmp_path / "results.md"
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
+              "", "--section", "t", "--tilt-student", f"s={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "give --tilt-beta" in err and len(err.strip().splitlines()) == 1
     assert not results.exists()

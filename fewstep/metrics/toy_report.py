@@ -102,35 +102,34 @@ def scored_row(name: str, steps: int, guidance: float, images: torch.Tensor, pro
                mlp.fid, mean_rewards(images, prompts, rewards or {}), mlp.class_accuracy, mlp.diversity)
 
 
-def tilted_teacher_images(teacher: Teacher, spec: InferenceSpec, reward: RewardFn, beta: float, prompts: list[str],
-                          seed: int) -> torch.Tensor:
-    """One exact draw per prompt from the teacher (at `spec`) tilted by the reward at temperature beta."""
+def tilted_images(model: Teacher, spec: InferenceSpec, reward: RewardFn, beta: float, prompts: list[str],
+                  seed: int) -> torch.Tensor:
+    """One exact draw per prompt from the model (teacher or student export, at `spec`) tilted by the reward at
+    temperature beta."""
     bound = reward_upper_bound(reward)
 
     def propose(slots: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ps = [prompts[i] for i in slots]
-        images = spec_images(teacher, spec, ps, seeds)
+        images = spec_images(model, spec, ps, seeds)
         return images, reward_scores(reward, images, ps)
 
     return rejection_sample(propose, len(prompts), beta, bound, seed)
 
 
-def tilted_rows(teacher: Teacher, steps: int, guidance: float, reward_name: str, betas: list[float], n: int,
+def tilted_rows(model: Teacher, spec: InferenceSpec, label: str, reward_name: str, betas: list[float], n: int,
                 seed: int, grid_dir: Path | None, rewards: dict[str, RewardFn]) -> list[Row]:
-    """The teacher at `steps` and CFG `guidance`, tilted by `reward_name` at each beta (rejection sampling): the
-    target a reward-tilted student (recipe=rtdmd) approaches, for the benchmark to set students against. Timed per
-    accepted image, rejected draws included."""
+    """The model (teacher or student export) at `spec`, tilted by `reward_name` at each beta (rejection sampling):
+    the target a reward-tilted student (recipe=rtdmd) approaches, for the benchmark to set students against. Timed
+    per accepted image, rejected draws included."""
     reward = rewards.get(reward_name) or build_reward(reward_name)
     prompts = class_balanced_prompts(n)
-    spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", guidance)
     rows = []
     for beta in betas:
-        name = (f"teacher {sampler_name(teacher)} {steps} steps, w={guidance:g}, tilted by {reward_name} at "
-                f"beta={beta:g}")
         tic = time.perf_counter()
-        images = tilted_teacher_images(teacher, spec, reward, beta, prompts, seed)
+        images = tilted_images(model, spec, reward, beta, prompts, seed)
         seconds = time.perf_counter() - tic
-        rows.append(scored_row(name, steps, guidance, images, prompts, seconds / n, grid_dir, rewards))
+        rows.append(scored_row(f"{label}, tilted by {reward_name} at beta={beta:g}", len(spec.times) - 1,
+                               spec.guidance_scale, images, prompts, seconds / n, grid_dir, rewards))
     return rows
 
 
@@ -255,6 +254,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    "exactly by rejection sampling: the target RTDMD distils towards")
     p.add_argument("--tilt-reward", default="digits-class", help="the reward of the tilted rows (one with a known "
                    "maximum)")
+    p.add_argument("--tilt-student", action="append", default=[], help="label=export_dir (repeatable): rows of "
+                   "that export tilted at each --tilt-beta, e.g. an RTDMD stage-1 export, whose tilt is the optimum of "
+                   "stage 2 with a KL to it")
     p.add_argument("--tilt-guidance", type=float, default=1.0, help="teacher CFG scale of the tilted rows")
     p.add_argument("--update", action="store_true", help="re-score only this command's rows; keep the section's "
                    "other rows (replaced where the names match) and name this command as the one that scored them")
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         earlier, kept = rows_to_keep(args)
         check_tilt(args)
         args.student = [parse_student(spec) for spec in args.student]
+        args.tilt_student = [parse_student(spec) for spec in args.tilt_student]
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
@@ -310,6 +313,8 @@ def check_tilt(args: argparse.Namespace) -> None:
     betas = _floats(args.tilt_beta)
     if any(b <= 0 for b in betas):
         raise ValueError(f"--tilt-beta takes temperatures > 0, got {args.tilt_beta}")
+    if args.tilt_student and not betas:
+        raise ValueError("--tilt-student tilts at each --tilt-beta: give --tilt-beta too")
     if betas:
         reward_upper_bound(build_reward(args.tilt_reward))
 
@@ -333,8 +338,13 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                         args.seed, grid_dir, rewards)
     if args.tilt_beta:
         steps = (_ints(args.teacher_steps) or [50])[0]
-        rows += tilted_rows(teacher, steps, args.tilt_guidance, args.tilt_reward, _floats(args.tilt_beta),
-                            args.num_images, args.seed, grid_dir, rewards)
+        spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", args.tilt_guidance)
+        rows += tilted_rows(teacher, spec, f"teacher {sampler_name(teacher)} {steps} steps, w={args.tilt_guidance:g}",
+                            args.tilt_reward, _floats(args.tilt_beta), args.num_images, args.seed, grid_dir, rewards)
+    for label, path in args.tilt_student:
+        student, spec, _ = load_export(path)
+        rows += tilted_rows(student, spec, f"{label} student {len(spec.times) - 1} steps, w={spec.guidance_scale:g}",
+                            args.tilt_reward, _floats(args.tilt_beta), args.num_images, args.seed, grid_dir, rewards)
     for label, path in args.student:
         rows += student_rows(label, path, _ints(args.student_steps), args.num_images, args.seed, grid_dir,
                              rewards)
