@@ -4,9 +4,10 @@
 # closest start to the unguided teacher that the tilt p_teacher(x | c) exp(r(x) / beta) is defined on; stage 2
 # takes the digits-class reward. Rows: the official stage 2 (no KL, the preset's lr 3e-5), then lr 3e-4 with KL
 # weights 0 to 10 (seed 0), and the three weights nearest the aims for a second training seed; at KL 1 (seed 0),
-# variants of the policy gradient: all three stochastic steps trained, K = 8 images per prompt, both, and no reward
-# backprop (also at KL 0.5); the teacher's 50-step CFG frontier and its tilted rows for reference. One run at a
-# time (2 cores), about 90 minutes; runs already exported are skipped.
+# variants of the policy gradient: all three stochastic steps trained, K = 8 images per prompt, both, no reward
+# backprop (also at KL 0.5) and no AC-DMD term on the last step; the teacher's 50-step CFG frontier and its tilted
+# rows for reference, and stage 1 tilted (the optimum of stage 2 with a KL to it, beta in units of the reward's std,
+# about 1 here). One run at a time (2 cores), about 95 minutes; runs already exported are skipped.
 #   bash scripts/toy_rtdmd_kl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +42,8 @@ variant rtdmd-c1-kl1-k8-s0 "KL 1, K = 8" method.group_size=8
 variant rtdmd-c1-kl1-ts3-k8-s0 "KL 1, 3 trained steps, K = 8" method.train_steps=3 method.group_size=8
 variant rtdmd-c1-kl1-bp0-s0 "KL 1, no reward backprop" method.bp_weight=0
 variant rtdmd-c1-kl0.5-bp0-s0 "KL 0.5, no reward backprop" method.kl_weight=0.5 method.bp_weight=0
+variant rtdmd-c1-kl1-aux0-s0 "KL 1, no AC-DMD term" method.aux_weight=0
 python scripts/toy_benchmark.py --teacher $M "${students[@]}" --teacher-steps 50 --teacher-guidance 1.5,1.25,1 \
-  --tilt-beta 1,0.25 --rewards digits-class,micro-clip --section toy-rtdmd-kl -n 1000
+  --tilt-beta 1,0.25 --tilt-student "rtdmd_cold (seed 0)=$RUNS/rtdmd_cold-c1-s0/export" \
+  --tilt-student "rtdmd_cold (seed 1)=$RUNS/rtdmd_cold-c1-s1/export" --rewards digits-class,micro-clip \
+  --section toy-rtdmd-kl -n 1000
