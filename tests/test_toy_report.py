@@ -116,8 +116,10 @@ def test_tilted_rows_raise_the_reward(tmp_path: Path):
 
 
 @pytest.mark.parametrize("flags,message", [(["--tilt-beta", "1,0"], "temperatures > 0"),
-                                           (["--tilt-beta", "1", "--tilt-reward", "micro-clip"], "known maximum")])
-def test_bad_tilt_flags_fail_in_one_line_before_generating(tmp_path: Path, capsys, flags, message):
+                                           (["--tilt-beta", "1", "--tilt-reward", "micro-clip"], "known maximum"),
+                                           (["--tilt-student", "s=runs/x/export"], "give --tilt-beta"),
+                                           (["--student", "s=no/such/export"], "no export folder")])
+def test_bad_flags_fail_in_one_line_before_generating(tmp_path: Path, capsys, flags, message):
     results = tmp_path / "results.md"
     with pytest.raises(SystemExit) as e:
         main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
@@ -176,16 +178,6 @@ def test_student_labels_and_paths_may_hold_equals_signs(tmp_path: Path):
     assert parse_student(f"x={tmp_path}/lr=3e-4/export") == ("x", tmp_path / "lr=3e-4/export")
 
 
-def test_a_student_without_an_export_fails_in_one_line_before_generating(tmp_path: Path, capsys):
-    results = tmp_path / "results.md"
-    with pytest.raises(SystemExit) as e:
-        main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
-              "", "--section", "t", "--student", f"s={tmp_path}/missing/export"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "no export folder" in err and len(err.strip().splitlines()) == 1
-    assert not results.exists()
-
-
 def test_tilted_student_rows_tilt_the_export(tmp_path: Path):
     """--tilt-student draws from an export tilted like the teacher's rows: an export of the teacher itself at the
     teacher's 2 DDIM steps gives the teacher's tilted row, and the tilt raises the reward over the plain export."""
@@ -203,13 +195,3 @@ def test_tilted_student_rows_tilt_the_export(tmp_path: Path):
     assert tilted.rewards == pytest.approx(tilted_teacher.rewards) and tilted.accuracy == tilted_teacher.accuracy
     assert plain.rewards == pytest.approx(plain_teacher.rewards)
     assert tilted.rewards["digits-class"] > plain.rewards["digits-class"]
-
-
-def test_tilt_student_without_a_beta_fails_in_one_line(tmp_path: Path, capsys):
-    results = tmp_path / "results.md"
-    with pytest.raises(SystemExit) as e:
-        main(["--teacher", "toy-digits", "--teacher-steps", "2", "-n", "10", "--results", str(results), "--grids",
-              "", "--section", "t", "--tilt-student", f"s={tmp_path}"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "give --tilt-beta" in err and len(err.strip().splitlines()) == 1
-    assert not results.exists()
