@@ -5,7 +5,8 @@ accuracy and per-class diversity, timed per image, written to docs/results.md by
 beats teacher" statement stands only where both FIDs agree. `--rewards` adds each named reward's mean over the
 images (e.g. digits-class, the log-probability of the prompted digit that RTDMD trains on, and micro-clip, a scorer
 it does not train on, to catch reward hacking). `--tilt-beta` adds rows of the teacher tilted by a reward with a
-known maximum, p(x) exp(r(x) / beta), drawn exactly by rejection sampling: the target RTDMD distils towards.
+known maximum, p(x) exp(r(x) / beta), drawn exactly by rejection sampling: the target RTDMD distils towards;
+`--tilt-student` adds an export's (a stage-1 export tilted is the optimum of RTDMD stage 2 with a KL to it).
 
     python scripts/toy_benchmark.py --student lcm=runs/lcm-toy/export --section toy-lcm
     python scripts/toy_benchmark.py --teacher toy-digits-sd3 --teacher-guidance 3,2,1 --section toy-sd3
@@ -269,8 +270,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     try:
         earlier, kept = rows_to_keep(args)
         check_tilt(args)
-        args.student = [parse_student(spec) for spec in args.student]
-        args.tilt_student = [parse_student(spec) for spec in args.tilt_student]
+        args.student = [parse_student(spec, "--student") for spec in args.student]
+        args.tilt_student = [parse_student(spec, "--tilt-student") for spec in args.tilt_student]
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     with torch.no_grad():   # scoped: a caller in the same process keeps its autograd state
@@ -319,18 +320,19 @@ def check_tilt(args: argparse.Namespace) -> None:
         reward_upper_bound(build_reward(args.tilt_reward))
 
 
-def parse_student(spec: str) -> tuple[str, Path]:
-    """--student's LABEL=EXPORT_DIR split at the first '=' after which an export folder (with fewstep.json) follows,
+def parse_student(spec: str, flag: str = "--student") -> tuple[str, Path]:
+    """A LABEL=EXPORT_DIR flag value split at the first '=' after which an export folder (with fewstep.json) follows,
     so labels may hold '=' ("K = 8") and so may paths. Raises ValueError (one line, with the fix) when none does."""
     for i, ch in enumerate(spec):
         if ch == "=" and (Path(spec[i + 1:]) / SIDECAR).is_file():
             return spec[:i], Path(spec[i + 1:])
-    raise ValueError(f"--student {spec!r}: no export folder (with {SIDECAR}) after any '='; give LABEL=EXPORT_DIR "
+    raise ValueError(f"{flag} {spec!r}: no export folder (with {SIDECAR}) after any '='; give LABEL=EXPORT_DIR "
                      "with the folder a fewstep export writes (<run>/export)")
 
 
 def all_rows(args: argparse.Namespace) -> list[Row]:
-    """The teacher's rows, then each student's, for the parsed command line."""
+    """The teacher's rows, its tilted rows and each --tilt-student export's, then each student's, for the parsed
+    command line."""
     grid_dir = Path(args.grids) if args.grids else None
     rewards = {name: build_reward(name) for name in args.rewards.split(",") if name}
     teacher = load_teacher(args.teacher)
