@@ -182,11 +182,11 @@ def test_tilted_student_rows_tilt_the_export(tmp_path: Path):
     """--tilt-student draws from an export tilted like the teacher's rows: an export of the teacher itself at the
     teacher's 2 DDIM steps gives the teacher's tilted row, and the tilt raises the reward over the plain export."""
     from fewstep.export import export_student
-    from fewstep.metrics.toy_report import InferenceSpec, load_teacher
+    from fewstep.metrics.toy_report import load_teacher, teacher_spec
 
     teacher = load_teacher("toy-digits")
-    export = export_student(teacher, teacher.net, InferenceSpec([float(t) for t in teacher.teacher_times(2)], "ddim",
-                                                                1.0), tmp_path / "export", "dmd2", "toy-digits")
+    _, spec = teacher_spec(teacher, 2, 1.0)
+    export = export_student(teacher, teacher.net, spec, tmp_path / "export", "dmd2", "toy-digits")
     rows = main(["--teacher", "toy-digits", "--teacher-steps", "2", "--teacher-guidance", "1", "-n", "20",
                  "--results", str(tmp_path / "r.md"), "--grids", "", "--section", "t", "--rewards", "digits-class",
                  "--tilt-beta", "0.5", "--tilt-student", f"self={export}", "--student", f"self={export}"])

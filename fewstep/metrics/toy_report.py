@@ -144,12 +144,21 @@ def sampler_name(teacher: Teacher) -> str:
     return "Euler" if teacher.schedule.kind == "flow" else "DDIM"
 
 
+def teacher_spec(teacher: Teacher, steps: int, guidance: float) -> tuple[str, InferenceSpec]:
+    """The teacher's row name and spec at `steps` deterministic steps and CFG `guidance`."""
+    spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", guidance)
+    return f"teacher {sampler_name(teacher)} {steps} steps, w={guidance:g}", spec
+
+
+def student_name(label: str, spec: InferenceSpec) -> str:
+    """A student row's name: its label, step count and CFG scale."""
+    return f"{label} student {len(spec.times) - 1} steps, w={spec.guidance_scale:g}"
+
+
 def teacher_rows(teacher: Teacher, steps: list[int], guidances: list[float], n: int, seed: int,
                  grid_dir: Path | None, rewards: dict[str, RewardFn] | None = None) -> list[Row]:
-    name = sampler_name(teacher)
-    return [evaluate(f"teacher {name} {k} steps, w={w:g}", teacher, InferenceSpec(
-        [float(t) for t in teacher.teacher_times(k)], "ddim", w), n, seed, grid_dir, rewards)
-        for k in steps for w in guidances]
+    specs = [teacher_spec(teacher, k, w) for k in steps for w in guidances]
+    return [evaluate(name, teacher, spec, n, seed, grid_dir, rewards) for name, spec in specs]
 
 
 def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, grid_dir: Path | None,
@@ -160,8 +169,7 @@ def student_rows(label: str, export: Path, steps: list[int], n: int, seed: int, 
     rows = []
     for k in steps:
         at_k = spec if k == len(spec.times) - 1 else replace(spec, times=[float(t) for t in student.student_times(k)])
-        rows.append(evaluate(f"{label} student {k} steps, w={spec.guidance_scale:g}", student, at_k, n, seed,
-                             grid_dir, rewards))
+        rows.append(evaluate(student_name(label, at_k), student, at_k, n, seed, grid_dir, rewards))
     return rows
 
 
@@ -340,13 +348,13 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                         args.seed, grid_dir, rewards)
     if args.tilt_beta:
         steps = (_ints(args.teacher_steps) or [50])[0]
-        spec = InferenceSpec([float(t) for t in teacher.teacher_times(steps)], "ddim", args.tilt_guidance)
-        rows += tilted_rows(teacher, spec, f"teacher {sampler_name(teacher)} {steps} steps, w={args.tilt_guidance:g}",
-                            args.tilt_reward, _floats(args.tilt_beta), args.num_images, args.seed, grid_dir, rewards)
+        name, spec = teacher_spec(teacher, steps, args.tilt_guidance)
+        rows += tilted_rows(teacher, spec, name, args.tilt_reward, _floats(args.tilt_beta), args.num_images, args.seed,
+                            grid_dir, rewards)
     for label, path in args.tilt_student:
         student, spec, _ = load_export(path)
-        rows += tilted_rows(student, spec, f"{label} student {len(spec.times) - 1} steps, w={spec.guidance_scale:g}",
-                            args.tilt_reward, _floats(args.tilt_beta), args.num_images, args.seed, grid_dir, rewards)
+        rows += tilted_rows(student, spec, student_name(label, spec), args.tilt_reward, _floats(args.tilt_beta),
+                            args.num_images, args.seed, grid_dir, rewards)
     for label, path in args.student:
         rows += student_rows(label, path, _ints(args.student_steps), args.num_images, args.seed, grid_dir,
                              rewards)
